@@ -1,0 +1,32 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+# Both depend on `make install`, which is idempotent: it creates .venv once and reinstalls only
+# when pyproject.toml or constraints.txt changed.
+# Where Ray or servers start, run inside a loopback-only namespace here: ../shared/tools/loopback make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk (the range in pyproject admits others)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/vis4mer demo
+
+test: install
+	timeout 1200 $(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/model_efficiency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache mlruns mlflow.db

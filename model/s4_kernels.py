@@ -1,0 +1,191 @@
+"""S4 convolution kernels as plain functions of explicit parameters.
+
+Conventions (../shared/spec/vis4mer-model.md, section 3), shared by both kernels so that anyone can
+compare them with another implementation:
+
+* state size N real = N/2 complex modes; only one half of each conjugate pair is stored (Im <= 0
+  for the diagonal initialisations); the kernels include the conjugate half (the factor 2 Re);
+* no D (skip) term in K;
+* dt is per channel, shape (H,); the output is (H, L) real (or (C, H, L) for several C).
+
+Memory: the dense Cauchy / Vandermonde tensors are (H, N, L) complex: 3 GB at ViS4mer's first
+stage (H=1024, N=64, L=11820). They are never materialised whole. `chunked_contraction` computes
+out[h, m, g] = sum_n v[h, m, n] * F(mu[h, n], grid[g]) a few channels at a time, with a hand-written
+backward that recomputes each chunk, so forward and backward both stay within a fixed budget.
+`contraction_reference` is its plain twin (dense, plain autograd), used by the tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Complex elements of F materialised at once (per chunk); 2**21 complex64 = 16 MiB.
+CHUNK_ELEMENTS = 2**21
+
+
+def _basis(kind: str, mu: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """F(mu, grid): (h, n) x (g,) -> (h, n, g).
+
+    cauchy:      F = 1 / (grid - mu)   with grid = i*y_k (complex), the frequency nodes
+    vandermonde: F = exp(mu * grid)    with grid = l (real), the time steps
+    """
+    mu = mu.unsqueeze(-1)
+    if kind == "cauchy":
+        return torch.reciprocal(grid - mu)
+    return torch.exp(mu * grid)
+
+
+def _basis_derivative(kind: str, F: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """dF/dmu given F: F**2 for Cauchy, grid * F for Vandermonde."""
+    return F.square() if kind == "cauchy" else F * grid
+
+
+class _ChunkedContraction(torch.autograd.Function):
+    """out[h, m, g] = sum_n v[h, m, n] F(mu[h, n], grid[g]) without materialising (H, N, G)."""
+
+    @staticmethod
+    def forward(ctx, v, mu, grid, kind, chunk):
+        ctx.save_for_backward(v, mu, grid)
+        ctx.kind, ctx.chunk = kind, chunk
+        H = v.shape[0]
+        out = torch.empty(v.shape[0], v.shape[1], grid.shape[0], dtype=v.dtype, device=v.device)
+        for s in range(0, H, chunk):
+            F = _basis(kind, mu[s : s + chunk], grid)  # (c, N, G)
+            torch.bmm(v[s : s + chunk], F, out=out[s : s + chunk])  # (c, M, N) @ (c, N, G)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        # Holomorphic in v and mu: PyTorch's convention is grad_in = conj(d out / d in) * grad_out.
+        v, mu, grid = ctx.saved_tensors
+        kind, chunk = ctx.kind, ctx.chunk
+        gc = g.conj().resolve_conj()
+        gv = torch.empty_like(v)
+        gmu = torch.empty_like(mu)
+        for s in range(0, v.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            F = _basis(kind, mu[sl], grid)  # recomputed: (c, N, G)
+            # bmm with a transposed operand is free, with a conjugated one it copies: conjugate
+            # the small (c, M, .) operands instead of F.
+            gv[sl] = torch.bmm(gc[sl], F.transpose(1, 2)).conj()  # (c, M, N)
+            t = torch.bmm(gc[sl], _basis_derivative(kind, F, grid).transpose(1, 2)).conj()  # (c, M, N)
+            gmu[sl] = (v[sl].conj() * t).sum(1)
+        return gv, gmu, None, None, None
+
+
+def _grid(grid: torch.Tensor, kind: str, like: torch.Tensor) -> torch.Tensor:
+    grid = grid.to(device=like.device, dtype=like.real.dtype)
+    return torch.complex(torch.zeros_like(grid), grid) if kind == "cauchy" else grid
+
+
+def chunked_contraction(v: torch.Tensor, mu: torch.Tensor, grid: torch.Tensor, kind: str) -> torch.Tensor:
+    """out[h, m, g] = sum_n v[h, m, n] F(mu[h, n], grid[g]).
+
+    v (H, M, N) complex, mu (H, N) complex, grid (G,) real -> (H, M, G) complex, where
+    F = 1 / (i grid - mu) for kind="cauchy" and F = exp(mu grid) for kind="vandermonde".
+    """
+    if kind not in ("cauchy", "vandermonde"):
+        raise ValueError(f"unknown contraction {kind!r}: expected 'cauchy' or 'vandermonde'")
+    per_channel = mu.shape[-1] * grid.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // max(per_channel, 1))
+    return _ChunkedContraction.apply(v, mu, _grid(grid, kind, v), kind, chunk)
+
+
+def contraction_reference(v: torch.Tensor, mu: torch.Tensor, grid: torch.Tensor, kind: str) -> torch.Tensor:
+    """Plain twin of `chunked_contraction`: dense (H, N, G) tensor, autograd end to end."""
+    return torch.einsum("hmn,hng->hmg", v, _basis(kind, mu, _grid(grid, kind, v)))
+
+
+# --------------------------------------------------------------------------------------------
+# NPLR (ViS4mer's kernel): bilinear discretisation of A = diag(Lambda) - P Q^*, Cauchy + Woodbury
+# --------------------------------------------------------------------------------------------
+
+
+def frequency_nodes(L: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """y_k with z_k = 2 (1 - w_k) / (1 + w_k) = i y_k, w_k = exp(-2 pi i k / L), k = 0 .. L//2.
+
+    For even L the last node (w = -1) is infinite; it is returned as 0 and handled separately.
+    """
+    k = torch.arange(L // 2 + 1, dtype=torch.float64)
+    y = 2 * torch.tan(math.pi * k / L)  # (1 - e^{-i t}) / (1 + e^{-i t}) = i tan(t / 2)
+    if L % 2 == 0:
+        y[-1] = 0.0
+    return y.to(device=device, dtype=dtype)
+
+
+def kernel_nplr(dt, Lambda, B, P, C, Q, L: int, contraction=chunked_contraction) -> torch.Tensor:
+    """ViS4mer's S4 kernel (bilinear NPLR), exact for every L.
+
+    dt (H,) real; Lambda (N/2,) or (H, N/2) complex; B, P, Q (H, N/2) complex; C: the trained
+    C~ = C (I - Abar^L), shape (H, N/2) or (c, H, N/2) complex.  Returns (H, L) or (c, H, L) real.
+
+    With w_k = exp(-2 pi i k/L), z_k = 2(1-w_k)/(1+w_k), b = [B, P], c = [C~.., Q],
+    r_ij(k) = dt sum_{n, conjugate pairs} b_i conj(c_j) / (z_k - dt Lambda_n)
+    Khat(k) = 2/(1+w_k) (r_0j - r_0Q r_1j / (1 + r_1Q)),  K = irfft(Khat, L).
+    """
+    single = C.dim() == 2
+    Cs = C.unsqueeze(0) if single else C  # (c, H, N/2)
+    nc = Cs.shape[0]
+    H, half = B.shape
+    Lam = Lambda.expand(H, half) if Lambda.dim() == 1 else Lambda
+    dt = dt.to(B.real.dtype)
+    mu = dt[:, None] * Lam  # (H, N/2)
+    mu_aug = torch.cat([mu, mu.conj()], -1)  # (H, N): both halves of each conjugate pair
+    b = torch.stack([B, P], 1)  # (H, 2, N/2)
+    c = torch.cat([Cs.transpose(0, 1), Q.unsqueeze(1)], 1)  # (H, c+1, N/2)
+    v = b[:, :, None, :] * c[:, None, :, :].conj()  # (H, 2, c+1, N/2)
+    v = v.reshape(H, 2 * (nc + 1), half) * dt[:, None, None]  # dt folded in: r = dt * sum(...)
+    v_aug = torch.cat([v, v.conj()], -1)  # (H, 2(c+1), N)
+
+    y = frequency_nodes(L, device=B.device, dtype=B.real.dtype)
+    even = L % 2 == 0
+    y_finite = y[:-1] if even else y
+    r = contraction(v_aug, mu_aug, y_finite, "cauchy")  # (H, 2(c+1), K')
+    # unbind, not indexing: its backward is one stack instead of a zero-filled copy per slice
+    r = r.unbind(1)
+    r0, r1 = r[: nc + 1], r[nc + 1 :]  # rows b = B and b = P; in each, columns C~.., then Q
+    # Woodbury for the rank-1 term
+    k_hat = torch.stack([r0[j] - r0[nc] * r1[j] / (1 + r1[nc]) for j in range(nc)], 1)  # (H, c, K')
+    two_over_1pw = torch.complex(torch.ones_like(y_finite), y_finite / 2)  # 2/(1+w) = 1 + z/2
+    k_hat = k_hat * two_over_1pw
+    if even:
+        # w = -1: 2/(1+w) r_00 -> dt/2 * sum over both halves of v_00 = dt Re(sum_n B conj(C~));
+        # the Woodbury term vanishes there (it is O(1/z)).
+        v00 = (B.unsqueeze(0) * Cs.conj()).sum(-1).real  # (c, H)
+        k_nyq = (dt[None, :] * v00).transpose(0, 1).unsqueeze(-1).to(k_hat.dtype)  # (H, c, 1)
+        k_hat = torch.cat([k_hat, k_nyq], -1)
+    K = torch.fft.irfft(k_hat, n=L)  # (H, c, L)
+    K = K.transpose(0, 1)  # (c, H, L)
+    return K[0] if single else K
+
+
+# --------------------------------------------------------------------------------------------
+# Diagonal (S4D): K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l)
+# --------------------------------------------------------------------------------------------
+
+
+def discretize_diag(dt, A, B, disc: str):
+    """(Abar, Bbar, log Abar) for ZOH or bilinear; dt (H,), A and B (H, N/2)."""
+    dtA = dt[:, None].to(A.real.dtype) * A
+    if disc == "zoh":
+        Abar = torch.exp(dtA)
+        return Abar, (Abar - 1) / A * B, dtA
+    if disc == "bilinear":
+        denom = 1 - dtA / 2
+        Abar = (1 + dtA / 2) / denom
+        return Abar, dt[:, None] * B / denom, torch.log(Abar)
+    raise ValueError(f"unknown discretisation {disc!r}: expected 'zoh' or 'bilinear'")
+
+
+def kernel_diag(dt, A, B, C, L: int, disc: str = "zoh", contraction=chunked_contraction) -> torch.Tensor:
+    """S4D kernel. dt (H,) real; A, B (H, N/2) complex; C (H, N/2) or (c, H, N/2) complex.
+    Returns (H, L) or (c, H, L) real: K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l)."""
+    single = C.dim() == 2
+    Cs = C.unsqueeze(0) if single else C
+    _, Bbar, logA = discretize_diag(dt, A, B, disc)
+    v = (Cs * Bbar.unsqueeze(0)).transpose(0, 1)  # (H, c, N/2)
+    grid = torch.arange(L, device=A.device, dtype=A.real.dtype)
+    K = 2 * contraction(v, logA, grid, "vandermonde").real  # (H, c, L)
+    K = K.transpose(0, 1)
+    return K[0] if single else K

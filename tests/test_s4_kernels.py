@@ -1,0 +1,168 @@
+"""Both S4 kernels against float64 computations written here: the dense conjugate-augmented
+system (matrix powers) for NPLR, the plain recurrence for S4D."""
+import math
+
+import pytest
+import torch
+
+import model.s4_kernels as sk
+from model.fftconv import fast_fft_length, fft_conv
+from model.hippo import legs_nplr, legs_transition, s4d_init
+from model.s4 import kernel_diag, kernel_nplr
+
+
+def log_uniform_dt(H, lo=1e-3, hi=1e-1):
+    return torch.exp(torch.rand(H, dtype=torch.float64) * (math.log(hi) - math.log(lo)) + math.log(lo))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dense_nplr_kernel(dt, Lam, B, P, C, Q, L):
+    """K_l = Re(C^* Abar^l Bbar) over the 64-dim conjugate-augmented system, C = (I - Abar^L)^-* C~."""
+    out = []
+    for h in range(B.shape[0]):
+        lam = Lam if Lam.dim() == 1 else Lam[h]
+        aug = lambda t: torch.cat([t, t.conj()])
+        A = torch.diag(aug(lam)) - torch.outer(aug(P[h]), aug(Q[h]).conj())
+        eye = torch.eye(A.shape[0], dtype=A.dtype)
+        inv = torch.linalg.inv(eye - dt[h] / 2 * A)
+        Ab, Bb = inv @ (eye + dt[h] / 2 * A), dt[h] * inv @ aug(B[h])
+        Cd = torch.linalg.solve((eye - torch.linalg.matrix_power(Ab, L)).conj().T, aug(C[h]))
+        x, ks = Bb, []
+        for _ in range(L):
+            ks.append((Cd.conj() @ x).real)
+            x = Ab @ x
+        out.append(torch.stack(ks))
+    return torch.stack(out)
+
+
+def recurrence_diag_kernel(dt, A, B, C, L, disc):
+    """K_l = 2 Re(sum_n C_n Bbar_n Abar_n^l), by repeated multiplication in float64."""
+    dtA = dt[:, None] * A
+    if disc == "zoh":
+        Ab, Bb = torch.exp(dtA), (torch.exp(dtA) - 1) / A * B
+    else:
+        Ab, Bb = (1 + dtA / 2) / (1 - dtA / 2), dt[:, None] * B / (1 - dtA / 2)
+    x, ks = Bb, []
+    for _ in range(L):
+        ks.append(2 * (C * x).sum(-1).real)
+        x = Ab * x
+    return torch.stack(ks, -1)
+
+
+def test_legs_nplr_is_similar_to_hippo():
+    N = 16
+    Lam, P, B = legs_nplr(N)
+    assert torch.allclose(Lam.real, torch.full((N // 2,), -0.5, dtype=torch.float64))
+    assert (Lam.imag <= 0).all()
+    # diag(Lambda_aug) - P_aug P_aug^* is A_legs in another basis: A_legs is triangular with
+    # eigenvalues -1 .. -N
+    aug = lambda t: torch.cat([t, t.conj()])
+    A_eig = torch.diag(aug(Lam)) - torch.outer(aug(P), aug(P).conj())
+    ev = torch.sort(torch.linalg.eigvals(A_eig).real).values
+    A, Bl = legs_transition(N)
+    assert torch.allclose(ev, torch.sort(torch.diagonal(A)).values, atol=1e-6)
+    # a unitary change of basis keeps norms: B and P split their norm over conjugate pairs
+    Pr = torch.sqrt(0.5 + torch.arange(N, dtype=torch.float64))
+    assert math.isclose(2 * (B.abs() ** 2).sum().item(), (Bl**2).sum().item(), rel_tol=1e-9)
+    assert math.isclose(2 * (P.abs() ** 2).sum().item(), (Pr**2).sum().item(), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("L", [1, 2, 15, 16, 63, 100])
+@pytest.mark.parametrize("per_channel_lambda", [False, True])
+def test_kernel_nplr_matches_dense(L, per_channel_lambda):
+    H, N = 3, 64
+    Lam, P, B = legs_nplr(N)
+    dt = log_uniform_dt(H)
+    Bh, Ph = B.expand(H, -1).clone(), P.expand(H, -1).clone()
+    # trained parameters drift from the init: perturb everything, Q != P
+    Bh = Bh + 0.1 * torch.randn_like(Bh)
+    Qh = Ph + 0.1 * torch.randn_like(Ph)
+    C = torch.randn(H, N // 2, dtype=torch.complex128)
+    lam = Lam + 0.05 * torch.randn(H, N // 2, dtype=torch.complex128) if per_channel_lambda else Lam
+    lam = torch.complex(-lam.real.abs(), lam.imag)  # stay stable
+    expected = dense_nplr_kernel(dt, lam, Bh, Ph, C, Qh, L)
+    got = kernel_nplr(dt.float(), lam.to(torch.cfloat), Bh.to(torch.cfloat), Ph.to(torch.cfloat),
+                      C.to(torch.cfloat), Qh.to(torch.cfloat), L)
+    assert got.shape == (H, L) and got.dtype == torch.float32
+    assert rel_err(got, expected) <= 1e-4
+
+
+def test_kernel_nplr_several_c_and_float64():
+    H, N, L = 2, 16, 33
+    Lam, P, B = legs_nplr(N)
+    dt = log_uniform_dt(H)
+    Bh, Ph = B.expand(H, -1).clone(), P.expand(H, -1).clone()
+    C = torch.randn(2, H, N // 2, dtype=torch.complex128)
+    got = kernel_nplr(dt, Lam, Bh, Ph, C, Ph, L)
+    assert got.shape == (2, H, L)
+    for j in range(2):
+        assert rel_err(got[j], dense_nplr_kernel(dt, Lam, Bh, Ph, C[j], Ph, L)) <= 1e-10
+
+
+@pytest.mark.parametrize("disc", ["zoh", "bilinear"])
+@pytest.mark.parametrize("init", ["lin", "inv"])
+@pytest.mark.parametrize("L", [1, 16, 17, 250])
+def test_kernel_diag_matches_recurrence(disc, init, L):
+    H, N = 4, 64
+    A = s4d_init(N, init).expand(H, -1) + 0.01 * torch.randn(H, N // 2, dtype=torch.complex128)
+    A = torch.complex(-A.real.abs(), A.imag)
+    B = torch.randn(H, N // 2, dtype=torch.complex128)
+    C = torch.randn(H, N // 2, dtype=torch.complex128)
+    dt = log_uniform_dt(H)
+    expected = recurrence_diag_kernel(dt, A, B, C, L, disc)
+    got = kernel_diag(dt.float(), A.to(torch.cfloat), B.to(torch.cfloat), C.to(torch.cfloat), L, disc)
+    assert got.shape == (H, L)
+    assert rel_err(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["cauchy", "vandermonde"])
+@pytest.mark.parametrize("H,M,N,G", [(1, 1, 2, 5), (3, 4, 8, 17), (7, 2, 6, 64), (16, 6, 4, 9)])
+def test_chunked_contraction_matches_reference(monkeypatch, kind, H, M, N, G):
+    """The memory-bounded fast path equals its dense twin, values and gradients, over many shapes
+    and chunkings (one channel per chunk up to all of them)."""
+    v = torch.randn(H, M, N, dtype=torch.complex128, requires_grad=True)
+    mu = torch.complex(-torch.rand(H, N, dtype=torch.float64) * 0.1,
+                       torch.randn(H, N, dtype=torch.float64)).requires_grad_()
+    grid = torch.randn(G, dtype=torch.float64) * 3 if kind == "cauchy" else torch.arange(G, dtype=torch.float64)
+    ref = sk.contraction_reference(v, mu, grid, kind)
+    w = torch.randn_like(ref)
+    gv_ref, gmu_ref = torch.autograd.grad((ref * w).real.sum(), (v, mu))
+    for elements in (1, N * G * 2, 2**21):
+        monkeypatch.setattr(sk, "CHUNK_ELEMENTS", elements)
+        out = sk.chunked_contraction(v, mu, grid, kind)
+        gv, gmu = torch.autograd.grad((out * w).real.sum(), (v, mu))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gv, gv_ref, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gmu, gmu_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_contraction_gradcheck(monkeypatch):
+    monkeypatch.setattr(sk, "CHUNK_ELEMENTS", 8)
+    v = torch.randn(3, 2, 4, dtype=torch.complex128, requires_grad=True)
+    mu = torch.complex(-torch.rand(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)).requires_grad_()
+    for kind, grid in (("cauchy", torch.randn(5, dtype=torch.float64)), ("vandermonde", torch.arange(5.0, dtype=torch.float64))):
+        assert torch.autograd.gradcheck(lambda a, b: sk.chunked_contraction(a, b, grid, kind), (v, mu))
+
+
+@pytest.mark.parametrize("B,H,L", [(1, 1, 1), (2, 3, 7), (1, 4, 50)])
+def test_fft_conv_is_linear_convolution(B, H, L):
+    u = torch.randn(B, H, L, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(H, L, dtype=torch.float64, requires_grad=True)
+    y = fft_conv(u, k)
+    direct = torch.stack([sum(k[:, s] * u[:, :, t - s] for s in range(t + 1)) for t in range(L)], -1)
+    torch.testing.assert_close(y, direct)
+    assert torch.autograd.gradcheck(fft_conv, (u, k))
+
+
+def test_fast_fft_length():
+    assert fast_fft_length(2 * 11820) == 24000  # 23640 = 2^3*3*5*197 would be slow
+    for n in (1, 7, 97, 1000):
+        m = fast_fft_length(n)
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        assert m >= n and r == 1
