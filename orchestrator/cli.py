@@ -1,1 +1,74 @@
-def main():\n    pass
+"""The `vis4mer` command line. Subcommands are added here as the platform grows.
+
+User errors (bad options, bad values) print one line naming the culprit and exit with code 2,
+without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """An error in what the user asked for: reported as one line, exit code 2."""
+
+
+def _cmd_demo(args) -> int:
+    from orchestrator.demo import run_demo
+
+    print("vis4mer demo: temporal-order task (two events far apart in a noisy clip of "
+          f"{args.length} steps); chance is 50 %", flush=True)
+    run_demo(epochs=args.epochs, length=args.length, seed=args.seed)
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from model import ViS4mer, list_variants, variant_config
+
+    for name in list_variants():
+        cfg = variant_config(name)
+        n = sum(p.numel() for p in ViS4mer(cfg).parameters())
+        print(f"{name:20s} l_max={cfg.l_max:6d} d_input={cfg.d_input:5d} stages={cfg.n_layers} "
+              f"kernel={cfg.kernel} params={n:,}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vis4mer", description="ViS4mer long-video models on Ray: train, sweep, track.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = sub.add_parser("demo", help="short model demo on CPU (synthetic long-range task)")
+    d.add_argument("--epochs", type=_positive_int, default=15)
+    d.add_argument("--length", type=_positive_int, default=256)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+    m = sub.add_parser("models", help="list the registered model variants")
+    m.set_defaults(func=_cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, ValueError) as e:
+        print(f"vis4mer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
