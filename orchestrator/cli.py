@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator import data_cli
+
 
 class UserError(Exception):
     """An error in what the user asked for: reported as one line, exit code 2."""
@@ -58,15 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
     m = sub.add_parser("models", help="list the registered model variants")
     m.set_defaults(func=_cmd_models)
+    data_cli.register(sub, _positive_int)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from datasets.format import DatasetError
+    from datasets.storage import StorageError
+
     try:
         return args.func(args)
-    except (UserError, ValueError) as e:
-        print(f"vis4mer {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, ValueError, KeyError, DatasetError, StorageError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"vis4mer {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

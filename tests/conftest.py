@@ -1,7 +1,116 @@
+"""Shared fixtures: real servers on loopback, one Ray instance per session.
+
+Everything here runs inside ../shared/tools/loopback (make test does): Ray rewrites 127.0.0.1 to
+the machine's routable address otherwise. Servers are started on free ports, waited for with a
+deadline, and stopped by PID.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.time()
+    while time.time() - t0 < deadline_s:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except Exception:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {deadline_s} s")
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+class S3Server:
+    """A moto S3-protocol server in its own process on 127.0.0.1 (restartable on the same port)."""
+
+    def __init__(self, port: int, env: dict | None = None):
+        self.port, self.env, self.proc = port, env or {}, None
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **self.env})
+        wait_http(self.endpoint, 30, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    server = S3Server(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test, made through s3fs (the path users' code takes)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_server.endpoint)
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    fs.mkdir(name)
+    yield name, fs
+    fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (each worker importing torch costs ~0.4 GiB)."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")
+    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().print_on_execution_start = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,368 @@
+"""The feature-shard format: parquet shards plus a JSON manifest, in a folder or object-store prefix.
+
+    <prefix>/manifest.json
+    <prefix>/<split>-00000.parquet ...
+
+One row per video, readable by plain pyarrow:
+    video_id    string
+    split       string
+    num_frames  int32
+    label       int64 (class id) | float64 (regression target)
+    features    list<fixed_size_list<halffloat, tokens_per_frame * feature_dim>>   (frames, tokens*dim)
+
+The manifest holds the format version, the task (type, classes, metric, windowing), tokens per
+frame, feature dim, dtype, the feature extractor and its preprocessing, and every shard with its
+split, row count, byte size and sha256. Readers check sizes and schemas against it when they open
+a dataset; `verify` checks hashes and every value.
+
+Writing is all-or-nothing: shards are written first, the manifest last; on any error the shards
+already written are deleted, so a prefix either holds a complete dataset or nothing new.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
+from datasets.tasks import TaskSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(Exception):
+    """Bad or inconsistent data: one line naming the file, URI or video and what was expected."""
+
+
+def shard_schema(task: TaskSpec) -> pa.Schema:
+    label = pa.int64() if task.type == "classification" else pa.float64()
+    frame = pa.list_(pa.float16(), task.tokens_per_frame * task.feature_dim)
+    return pa.schema([("video_id", pa.string()), ("split", pa.string()), ("num_frames", pa.int32()),
+                      ("label", label), ("features", pa.list_(frame))])
+
+
+def features_to_arrow(videos: list[np.ndarray], tokens: int, dim: int) -> pa.Array:
+    """[(frames, tokens, dim)] -> list<fixed_size_list<halffloat>> without per-element Python work."""
+    offsets = np.zeros(len(videos) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([v.shape[0] for v in videos])
+    flat = np.concatenate([np.ascontiguousarray(v, dtype=np.float16).reshape(-1) for v in videos]) if videos else np.zeros(0, np.float16)
+    frames = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), tokens * dim)
+    return pa.ListArray.from_arrays(pa.array(offsets), frames)
+
+
+def video_features(column: pa.Array, tokens: int, dim: int) -> list[np.ndarray]:
+    """The inverse: a features column (chunked or not) -> [(frames, tokens, dim) float16], zero-copy."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.values.to_numpy(zero_copy_only=False).reshape(-1, tokens, dim)  # all frames
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+@dataclass
+class Manifest:
+    task: TaskSpec
+    extractor: dict
+    shards: list[dict] = field(default_factory=list)  # {path, split, rows, bytes, sha256}
+    format_version: int = FORMAT_VERSION
+    dtype: str = "float16"
+    created: float = field(default_factory=time.time)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.task.tokens_per_frame
+
+    @property
+    def feature_dim(self) -> int:
+        return self.task.feature_dim
+
+    def split_rows(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.shards:
+            out[s["split"]] = out.get(s["split"], 0) + s["rows"]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format_version": self.format_version, "task": self.task.to_dict(),
+            "tokens_per_frame": self.tokens_per_frame, "feature_dim": self.feature_dim, "dtype": self.dtype,
+            "extractor": self.extractor, "splits": self.split_rows(), "shards": self.shards,
+            "created": self.created,
+        }, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            d = json.loads(text)
+            if d.get("format_version") != FORMAT_VERSION:
+                raise DatasetError(f"{where}: format_version {d.get('format_version')!r}: expected {FORMAT_VERSION}")
+            task = TaskSpec.from_dict(d["task"])
+            if d["tokens_per_frame"] != task.tokens_per_frame or d["feature_dim"] != task.feature_dim:
+                raise DatasetError(f"{where}: tokens_per_frame/feature_dim disagree with its task section")
+            for s in d["shards"]:
+                for k in ("path", "split", "rows", "bytes", "sha256"):
+                    if k not in s:
+                        raise DatasetError(f"{where}: shard entry {s} has no {k!r}")
+            return cls(task=task, extractor=d["extractor"], shards=d["shards"], dtype=d["dtype"],
+                       created=d.get("created", 0.0))
+        except DatasetError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{where}: not a valid vis4mer manifest ({type(e).__name__}: {e})") from None
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+class DatasetWriter:
+    """Streams videos into shards of about `shard_bytes`, row groups of about `row_group_bytes`.
+
+        with DatasetWriter("s3://bucket/lvu/genre", task, extractor={...}) as w:
+            w.add("vid0", features, label=2, split="train")
+    """
+
+    def __init__(self, uri: str, task: TaskSpec, extractor: dict, storage: StorageOptions | None = None,
+                 shard_bytes: int = 256 * 2**20, row_group_bytes: int = 32 * 2**20, overwrite: bool = False):
+        task.validate()
+        self.uri, self.task, self.extractor = uri, task, extractor
+        self.res: Resolved = filesystems(uri, storage)
+        self.shard_bytes, self.row_group_bytes = shard_bytes, row_group_bytes
+        self.schema = shard_schema(task)
+        self.shards: list[dict] = []
+        self.written: list[str] = []
+        self._open: dict[str, tuple[pa.BufferOutputStream, pq.ParquetWriter, int]] = {}
+        self._pending: dict[str, list] = {}
+        self._pending_bytes: dict[str, int] = {}
+        self._counter: dict[str, int] = {}
+        self._ids: set[str] = set()
+        self._made_dir = False
+        self._check_target(overwrite)
+
+    def _check_target(self, overwrite: bool) -> None:
+        manifest = self.res.join(MANIFEST)
+        try:
+            exists = self.res.fs.exists(manifest)
+        except Exception as e:
+            raise StorageError(describe_error(self.uri, e)) from None
+        if exists and not overwrite:
+            raise DatasetError(f"{self.res.uri(MANIFEST)} already exists: expected an empty prefix (or --overwrite)")
+
+    def add(self, video_id: str, features: np.ndarray, label, split: str) -> None:
+        t = self.task
+        if split not in SPLITS:
+            raise DatasetError(f"video {video_id}: split {split!r}: expected one of {', '.join(SPLITS)}")
+        if video_id in self._ids:
+            raise DatasetError(f"video {video_id}: added twice")
+        if features.ndim != 3 or features.shape[1:] != (t.tokens_per_frame, t.feature_dim) or features.shape[0] < 1:
+            raise DatasetError(f"video {video_id}: features of shape {features.shape}: expected "
+                               f"(frames >= 1, {t.tokens_per_frame}, {t.feature_dim})")
+        if not np.isfinite(features).all():
+            raise DatasetError(f"video {video_id}: features contain NaN or inf")
+        label = check_label(label, t, f"video {video_id}")
+        self._ids.add(video_id)
+        self._pending.setdefault(split, []).append((video_id, features, label))
+        self._pending_bytes[split] = self._pending_bytes.get(split, 0) + features.size * 2
+        if self._pending_bytes[split] >= self.row_group_bytes:
+            self._flush_group(split)
+
+    def _flush_group(self, split: str) -> None:
+        rows = self._pending.pop(split, [])
+        self._pending_bytes[split] = 0
+        if not rows:
+            return
+        t = self.task
+        table = pa.table({
+            "video_id": pa.array([r[0] for r in rows], pa.string()),
+            "split": pa.array([split] * len(rows), pa.string()),
+            "num_frames": pa.array([r[1].shape[0] for r in rows], pa.int32()),
+            "label": pa.array([r[2] for r in rows], self.schema.field("label").type),
+            "features": features_to_arrow([r[1] for r in rows], t.tokens_per_frame, t.feature_dim),
+        }, schema=self.schema)
+        if split not in self._open:
+            buf = pa.BufferOutputStream()
+            self._open[split] = (buf, pq.ParquetWriter(buf, self.schema, compression="none"), 0)
+        buf, writer, n = self._open[split]
+        writer.write_table(table, row_group_size=len(rows))
+        self._open[split] = (buf, writer, n + len(rows))
+        if buf.tell() >= self.shard_bytes:
+            self._close_shard(split)
+
+    def _close_shard(self, split: str) -> None:
+        buf, writer, rows = self._open.pop(split)
+        writer.close()
+        data = buf.getvalue()
+        index = self._counter.get(split, 0)
+        self._counter[split] = index + 1
+        name = f"{split}-{index:05d}.parquet"
+        path = self.res.join(name)
+        if self.res.scheme == "file" and not self._made_dir and not self.res.fs.exists(self.res.path):
+            self.res.pa.create_dir(self.res.path, recursive=True)
+            self._made_dir = True
+        try:
+            with self.res.pa.open_output_stream(path) as f:
+                self.written.append(path)
+                f.write(data)
+        except Exception as e:
+            raise StorageError(describe_error(self.res.uri(name), e)) from None
+        self.shards.append({"path": name, "split": split, "rows": rows, "bytes": data.size,
+                            "sha256": hashlib.sha256(memoryview(data)).hexdigest()})
+
+    def close(self) -> Manifest:
+        for split in list(self._pending):
+            self._flush_group(split)
+        for split in list(self._open):
+            self._close_shard(split)
+        if not self.shards:
+            raise DatasetError(f"{self.uri}: no videos were added: nothing to write")
+        manifest = Manifest(task=self.task, extractor=self.extractor,
+                            shards=sorted(self.shards, key=lambda s: s["path"]))
+        try:
+            with self.res.pa.open_output_stream(self.res.join(MANIFEST)) as f:
+                f.write(manifest.to_json().encode())
+        except Exception as e:
+            raise StorageError(describe_error(self.res.uri(MANIFEST), e)) from None
+        return manifest
+
+    def abort(self) -> None:
+        """Delete every shard this writer wrote (nothing half-written stays behind)."""
+        for path in self.written:
+            try:
+                self.res.pa.delete_file(path)
+            except Exception:
+                pass
+        self.written.clear()
+        if self._made_dir:
+            try:
+                self.res.pa.delete_dir(self.res.path)
+            except Exception:
+                pass
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.manifest = self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def check_label(label, task: TaskSpec, where: str):
+    if task.type == "classification":
+        if isinstance(label, (float, np.floating)) and not float(label).is_integer():
+            raise DatasetError(f"{where}: label {label}: expected a class id in [0, {task.num_classes})")
+        label = int(label)
+        if not 0 <= label < task.num_classes:
+            raise DatasetError(f"{where}: label {label}: expected a class id in [0, {task.num_classes})")
+        return label
+    label = float(label)
+    if not np.isfinite(label):
+        raise DatasetError(f"{where}: label {label}: expected a finite regression target")
+    return label
+
+
+# --- opening and verifying -----------------------------------------------------------------
+
+
+@dataclass
+class FeatureDataset:
+    """An opened dataset: its manifest, checked against what is in storage."""
+
+    uri: str
+    res: Resolved
+    manifest: Manifest
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.manifest.task
+
+    def shards(self, split: str | None = None) -> list[dict]:
+        return [s for s in self.manifest.shards if split is None or s["split"] == split]
+
+    def shard_paths(self, split: str) -> list[str]:
+        paths = [self.res.join(s["path"]) for s in self.shards(split)]
+        if not paths:
+            raise DatasetError(f"{self.uri}: no {split!r} shards (splits here: {self.manifest.split_rows()})")
+        return paths
+
+
+def open_dataset(uri: str, storage: StorageOptions | None = None, check_schema: bool = True) -> FeatureDataset:
+    """Reads the manifest and checks every shard's presence, size and schema (footers only)."""
+    res = filesystems(uri, storage)
+    where = res.uri(MANIFEST)
+    try:
+        with res.pa.open_input_stream(res.join(MANIFEST)) as f:
+            text = f.read().decode()
+    except Exception as e:
+        raise DatasetError(describe_error(where, e) + ("" if "not found" not in describe_error(where, e)
+                                                       else ": expected a vis4mer dataset (manifest.json)")) from None
+    manifest = Manifest.from_json(text, where)
+    ds = FeatureDataset(uri, res, manifest)
+    paths = [res.join(s["path"]) for s in manifest.shards]
+    try:
+        infos = res.pa.get_file_info(paths)
+    except Exception as e:
+        raise DatasetError(describe_error(uri, e)) from None
+    expected = shard_schema(manifest.task)
+    for s, info in zip(manifest.shards, infos):
+        name = res.uri(s["path"])
+        if info.type != pa.fs.FileType.File:
+            raise DatasetError(f"missing shard {name}: listed in the manifest but not in storage")
+        if info.size != s["bytes"]:
+            raise DatasetError(f"shard {name}: {info.size} bytes: expected {s['bytes']} (manifest); "
+                               "truncated or replaced")
+        if check_schema:
+            try:
+                with res.pa.open_input_file(res.join(s["path"])) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    schema = meta.schema.to_arrow_schema()
+                    rows = meta.num_rows
+            except Exception as e:
+                raise DatasetError(f"shard {name}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+            if not schema.equals(expected):
+                got = schema.field("features").type if "features" in schema.names else "no features column"
+                raise DatasetError(f"shard {name}: schema {got}: expected {expected.field('features').type} "
+                                   f"(tokens_per_frame={manifest.tokens_per_frame}, feature_dim={manifest.feature_dim}) "
+                                   f"and label {expected.field('label').type}")
+            if rows != s["rows"]:
+                raise DatasetError(f"shard {name}: {rows} rows: expected {s['rows']} (manifest)")
+    return ds
+
+
+def verify(uri: str, storage: StorageOptions | None = None) -> dict:
+    """Full check: hashes, then every value (finite features, labels in range, frame counts)."""
+    ds = open_dataset(uri, storage)
+    t = ds.task
+    videos = 0
+    for s in ds.manifest.shards:
+        name = ds.res.uri(s["path"])
+        with ds.res.pa.open_input_file(ds.res.join(s["path"])) as f:
+            data = f.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != s["sha256"]:
+            raise DatasetError(f"shard {name}: sha256 {digest[:12]}..: expected {s['sha256'][:12]}.. (manifest)")
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        for i in range(pf.num_row_groups):
+            tbl = pf.read_row_group(i)
+            feats = video_features(tbl.column("features"), t.tokens_per_frame, t.feature_dim)
+            for vid, n, label, x in zip(tbl.column("video_id").to_pylist(), tbl.column("num_frames").to_pylist(),
+                                        tbl.column("label").to_pylist(), feats):
+                where = f"shard {name}, video {vid}"
+                if x.shape[0] != n:
+                    raise DatasetError(f"{where}: {x.shape[0]} frames: expected num_frames={n}")
+                if not np.isfinite(x).all():
+                    raise DatasetError(f"{where}: features contain NaN or inf")
+                check_label(label, t, where)
+                videos += 1
+    return {"uri": uri, "shards": len(ds.manifest.shards), "videos": videos, "splits": ds.manifest.split_rows()}

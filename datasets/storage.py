@@ -1,0 +1,132 @@
+"""One filesystem factory for everything that touches storage (datasets, manifests, checkpoints).
+
+`filesystems(uri, options)` returns a pyarrow filesystem, an fsspec filesystem and the path inside
+them, matching each other, for local paths, ``file://``, ``s3://`` (AWS or any S3-compatible
+endpoint: MinIO, moto, Ceph) and ``gs://`` (when gcsfs is installed).
+
+Credentials are never part of the options or of any config: they come from the environment
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN), from a named profile
+(~/.aws/credentials), or from the platform's own identity (instance profile, workload identity)
+through the default provider chain.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+class StorageError(Exception):
+    """A URI or storage setting that cannot work: one line naming the URI and what was expected."""
+
+
+@dataclass
+class StorageOptions:
+    endpoint_url: str | None = None  # S3-compatible endpoint; default: AWS_ENDPOINT_URL or AWS
+    region: str | None = None  # default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    profile: str | None = None  # named credentials profile
+    path_style: bool = False  # path-style addressing (most S3-compatible servers)
+    anonymous: bool = False  # unsigned requests (public buckets)
+
+
+@dataclass
+class Resolved:
+    scheme: str  # "file" | "s3" | "gs"
+    path: str  # path inside the filesystems (bucket/key for object stores)
+    pa: pafs.FileSystem
+    fs: fsspec.AbstractFileSystem
+
+    def uri(self, *parts: str) -> str:
+        p = "/".join([self.path.rstrip("/"), *parts]) if parts else self.path
+        return p if self.scheme == "file" else f"{self.scheme}://{p}"
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    if not uri:
+        raise StorageError("empty URI: expected a local path, file://, s3:// or gs:// URI")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and uri[1:3] == ":\\"):
+        path = parsed.path if scheme == "file" else uri
+        return "file", os.path.abspath(os.path.expanduser(path))
+    if scheme in ("s3", "s3a", "gs", "gcs"):
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: no bucket: expected {scheme}://BUCKET/PREFIX")
+        return ("s3" if scheme.startswith("s3") else "gs"), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    raise StorageError(f"{uri}: unsupported scheme {scheme!r}: expected a local path, file://, s3:// or gs://")
+
+
+def _aws_credentials(opts: StorageOptions) -> dict:
+    """Explicit credentials from a profile or the environment; {} lets the default chain decide."""
+    if opts.anonymous:
+        return {}
+    if opts.profile:
+        import botocore.session
+
+        try:
+            creds = botocore.session.Session(profile=opts.profile).get_credentials()
+        except Exception as e:  # ProfileNotFound and friends
+            raise StorageError(f"credentials profile {opts.profile!r}: {e}") from None
+        if creds is None:
+            raise StorageError(f"credentials profile {opts.profile!r} has no credentials")
+        frozen = creds.get_frozen_credentials()
+        return {"key": frozen.access_key, "secret": frozen.secret_key, "token": frozen.token}
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        return {"key": key, "secret": secret, "token": os.environ.get("AWS_SESSION_TOKEN")}
+    return {}
+
+
+def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
+    opts = options or StorageOptions()
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return Resolved("file", path, pafs.LocalFileSystem(), fsspec.filesystem("file"))
+    if scheme == "s3":
+        import s3fs
+
+        endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        creds = _aws_credentials(opts)
+        pa_kwargs = dict(region=region, anonymous=opts.anonymous, force_virtual_addressing=False,
+                         connect_timeout=10, request_timeout=60)
+        s3_kwargs: dict = dict(anon=opts.anonymous, client_kwargs={"region_name": region})
+        if endpoint:
+            u = urlparse(endpoint)
+            if u.scheme not in ("http", "https") or not u.netloc:
+                raise StorageError(f"endpoint_url {endpoint!r}: expected http(s)://HOST[:PORT]")
+            pa_kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
+            s3_kwargs["endpoint_url"] = endpoint
+        if opts.path_style or endpoint:
+            s3_kwargs["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+        if creds:
+            pa_kwargs.update(access_key=creds["key"], secret_key=creds["secret"], session_token=creds["token"])
+            s3_kwargs.update(key=creds["key"], secret=creds["secret"], token=creds["token"])
+        return Resolved("s3", path, pafs.S3FileSystem(**pa_kwargs), s3fs.S3FileSystem(**s3_kwargs))
+    try:
+        import gcsfs
+    except ImportError:
+        raise StorageError(f"{uri}: gs:// needs gcsfs: pip install 'vis4mer[gcs]'") from None
+    fs = gcsfs.GCSFileSystem(token="anon" if opts.anonymous else None)
+    return Resolved("gs", path, pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs)
+
+
+def describe_error(uri: str, e: BaseException) -> str:
+    """A one-line reason for a storage failure (credentials, bucket, network), naming the URI."""
+    text = str(e)
+    low = text.lower().replace("_", "")  # pyarrow says ACCESS_DENIED, botocore AccessDenied
+    if "accessdenied" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "forbidden" in low:
+        return f"{uri}: access denied: check the credentials (environment or profile) for this bucket"
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        return f"{uri}: the bucket does not exist"
+    if isinstance(e, FileNotFoundError) or "nosuchkey" in low or "notfound" in low or "not found" in low or "path does not exist" in low:
+        return f"{uri}: not found"
+    if "could not connect" in low or "connection refused" in low or "timed out" in low or "curl" in low:
+        return f"{uri}: cannot reach the storage endpoint ({text.splitlines()[0][:200]})"
+    return f"{uri}: {text.splitlines()[0][:300] if text else type(e).__name__}"

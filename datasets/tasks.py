@@ -1,0 +1,98 @@
+"""Task registry: what each benchmark's labels mean and how examples are cut from a video.
+
+Facts from ../shared/spec/vis4mer-model.md (sections 1, 4, 5):
+* LVU: 1 frame/s of 197 ViT tokens; a training example is a random 60-s window; evaluation takes
+  every 60-s window at a 1-s stride and aggregates per video (summed softmax, or the mean
+  prediction for regression).
+* Breakfast, COIN: Video Swin segments of 49 tokens; 64 random sorted segment indices to train,
+  64 evenly spaced ones to evaluate (indices repeat when a video has fewer segments).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    type: str  # classification | regression
+    num_classes: int  # 1 for regression
+    metric: str  # top1 | mse
+    tokens_per_frame: int  # tokens per frame (LVU) or per segment (Breakfast, COIN)
+    window_frames: int  # frames (or segments) per example
+    train_sampling: str  # random_window | random_segments
+    eval_sampling: str  # sliding (every window at eval_stride) | even_segments (one example)
+    eval_stride: int = 1  # frames between evaluation windows (sliding)
+    aggregate: str = "sum_softmax"  # per-video aggregation: sum_softmax | mean
+    feature_dim: int = 1024
+    label_transform: str | None = None  # how raw labels became targets (regression)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per example: the model's l_max."""
+        return self.window_frames * self.tokens_per_frame
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.type not in ("classification", "regression"):
+            raise ValueError(f"task {self.name}: type {self.type!r}: expected classification or regression")
+        if self.type == "classification" and self.num_classes < 2:
+            raise ValueError(f"task {self.name}: num_classes {self.num_classes}: expected >= 2")
+        if self.train_sampling not in ("random_window", "random_segments"):
+            raise ValueError(f"task {self.name}: train_sampling {self.train_sampling!r}")
+        if self.eval_sampling not in ("sliding", "even_segments"):
+            raise ValueError(f"task {self.name}: eval_sampling {self.eval_sampling!r}")
+        for f in ("tokens_per_frame", "window_frames", "eval_stride", "feature_dim"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"task {self.name}: {f}={getattr(self, f)}: expected >= 1")
+
+
+def _lvu(name: str, kind: str, classes: int, transform: str | None = None) -> TaskSpec:
+    regression = kind == "regression"
+    return TaskSpec(name=f"lvu_{name}", type=kind, num_classes=1 if regression else classes,
+                    metric="mse" if regression else "top1", tokens_per_frame=197, window_frames=60,
+                    train_sampling="random_window", eval_sampling="sliding", eval_stride=1,
+                    aggregate="mean" if regression else "sum_softmax", label_transform=transform)
+
+
+# log(views) and like ratio, shifted as the released code does
+VIEW_COUNT_SHIFT = 11.76425435683139
+LIKE_RATIO_SHIFT = 9.138220535629456
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    _lvu("relationship", "classification", 4),
+    _lvu("way_speaking", "classification", 5),
+    _lvu("scene", "classification", 6),
+    _lvu("like_ratio", "regression", 1, f"10 * like / (like + dislike) - {LIKE_RATIO_SHIFT}"),
+    _lvu("view_count", "regression", 1, f"log(views) - {VIEW_COUNT_SHIFT}"),
+    _lvu("director", "classification", 10),
+    _lvu("genre", "classification", 4),
+    _lvu("writer", "classification", 10),
+    _lvu("year", "classification", 9),
+    TaskSpec("breakfast", "classification", 10, "top1", tokens_per_frame=49, window_frames=64,
+             train_sampling="random_segments", eval_sampling="even_segments"),
+    TaskSpec("coin", "classification", 180, "top1", tokens_per_frame=49, window_frames=64,
+             train_sampling="random_segments", eval_sampling="even_segments"),
+    # synthetic long-range tasks (datasets/synthetic.py); sizes are set when they are written
+    TaskSpec("synthetic_order", "classification", 2, "top1", tokens_per_frame=4, window_frames=64,
+             train_sampling="random_window", eval_sampling="sliding", eval_stride=16, feature_dim=16),
+    TaskSpec("synthetic_gap", "regression", 1, "mse", tokens_per_frame=4, window_frames=64,
+             train_sampling="random_window", eval_sampling="sliding", eval_stride=16, aggregate="mean",
+             feature_dim=16),
+]}
+
+LVU_TASKS = [n[len("lvu_"):] for n in TASKS if n.startswith("lvu_")]
+
+
+def get_task(name: str, **overrides) -> TaskSpec:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
+    task = replace(TASKS[name], **overrides)
+    task.validate()
+    return task
