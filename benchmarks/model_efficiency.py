@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=4, help="timed runs after one warm-up; the median is reported")
     p.add_argument("--max-mem", type=float, default=16.0, help="GiB per configuration")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, ssm_lr: float | None = None) -> list[dict]:
     """One group of regular parameters (global lr and weight decay), one group per distinct hint.
 
     As in the released recipe: SSM parameters (Lambda, B/P, log_dt; A and B for S4D) get lr 1e-3
@@ -21,5 +21,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
             hinted.setdefault(tuple(sorted(hint.items())), []).append(p)
     groups = [{"params": regular, "lr": lr, "weight_decay": weight_decay}]
     for key, params in hinted.items():
-        groups.append({"params": params, "lr": lr, "weight_decay": weight_decay, **dict(key)})
+        hint = dict(key)
+        if ssm_lr is not None and "lr" in hint:
+            hint["lr"] = ssm_lr
+        groups.append({"params": params, "lr": lr, "weight_decay": weight_decay, **hint})
     return groups

@@ -1,0 +1,224 @@
+"""Typed run configuration: omegaconf structured configs, YAML files, `key=value` overrides.
+
+    cfg = load_config("sweeps/train_demo.yaml", ["optim.lr=3e-3", "scaling.num_workers=2"])
+
+Everything is validated here, before any Ray or cluster work: an unknown key, a wrong type or an
+impossible value raises ConfigError (one line naming the key and what was expected); the CLI turns
+it into exit code 2. The resolved config is saved with every run (checkpoints, MLflow).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config: names the key and what was expected."""
+
+
+@dataclass
+class StorageCfg:
+    # S3-compatible endpoint, region, profile; credentials come from the environment, never here
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    profile: Optional[str] = None
+    path_style: bool = False
+
+
+@dataclass
+class ModelCfg:
+    # d_input, l_max and the head come from the dataset's manifest (its task)
+    d_model: int = 1024
+    n_layers: int = 3
+    d_state: int = 64
+    kernel: str = "nplr"
+    disc: str = "bilinear"
+    init: Optional[str] = None
+    bidirectional: bool = False
+    dropout: float = 0.2
+    prenorm: bool = True
+    pool: Optional[List[int]] = None
+    pool_type: Optional[List[str]] = None
+    width_div: Optional[List[int]] = None
+
+
+@dataclass
+class DataCfg:
+    uri: str = MISSING  # dataset folder or object-store prefix (datasets/format.py)
+    storage: StorageCfg = field(default_factory=StorageCfg)
+    batch_size: int = 16  # global: split evenly over the workers
+    eval_batch_size: int = 32  # windows per evaluation batch, per worker
+    shuffle_files: bool = True
+    shuffle_buffer: Optional[int] = None  # rows; local shuffle on each worker
+    eval_splits: List[str] = field(default_factory=lambda: ["val"])
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    ssm_lr: float = 1e-3  # the SSM parameters' own lr (weight decay 0), as released
+    grad_accum: int = 1
+    clip_norm: Optional[float] = None
+
+
+@dataclass
+class ScheduleCfg:
+    kind: str = "plateau"  # plateau | cosine | constant
+    factor: float = 0.2  # plateau
+    patience: int = 1  # plateau, in scheduler steps
+    interval: int = 10  # plateau: epochs between steps (LVU: 10, Breakfast/COIN: 1)
+    warmup_epochs: int = 0  # cosine
+    min_lr: float = 0.0  # cosine
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 100
+    seed: int = 1112
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    keep_last: int = 2
+    bf16: bool = True  # autocast on GPU only
+    max_failures: int = 0
+
+
+@dataclass
+class ScalingCfg:
+    num_workers: int = 1  # 0: Ray Train's local mode (in the driver process)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+
+
+@dataclass
+class RunCfg:
+    name: Optional[str] = None  # stable name: a restarted run resumes; default from the config's hash
+    storage_path: str = "./results"  # local path or s3://, gs://
+    storage: StorageCfg = field(default_factory=StorageCfg)
+
+
+@dataclass
+class TrackingCfg:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None  # default: sqlite:///<cwd>/mlflow.db
+    experiment: str = "vis4mer"
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    scaling: ScalingCfg = field(default_factory=ScalingCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if "not in struct" in str(e) or "Key '" in msg and "not" in msg:
+        return f"unknown key {key!r}" if key else msg
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML (optional) + dotlist overrides onto the structured defaults; typed and validated."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            try:
+                loaded = OmegaConf.load(path)
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such config file") from None
+            except Exception as e:
+                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected a mapping of config sections")
+            merged = OmegaConf.merge(merged, loaded)
+        for o in overrides or []:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r}: expected key=value")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: required, no value given")
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values (what types alone cannot say)."""
+    def need(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+    o, s, t, sc, d = cfg.optim, cfg.schedule, cfg.train, cfg.scaling, cfg.data
+    need(o.lr > 0, "optim.lr", "> 0", o.lr)
+    need(o.ssm_lr > 0, "optim.ssm_lr", "> 0", o.ssm_lr)
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(o.grad_accum >= 1, "optim.grad_accum", ">= 1", o.grad_accum)
+    need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", "> 0 or null", o.clip_norm)
+    need(s.kind in ("plateau", "cosine", "constant"), "schedule.kind", "plateau, cosine or constant", s.kind)
+    need(0 < s.factor < 1, "schedule.factor", "in (0, 1)", s.factor)
+    need(s.interval >= 1, "schedule.interval", ">= 1", s.interval)
+    need(s.patience >= 0, "schedule.patience", ">= 0", s.patience)
+    need(0 <= s.warmup_epochs < max(t.epochs, 1), "schedule.warmup_epochs", f"in [0, train.epochs={t.epochs})", s.warmup_epochs)
+    need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    need(t.eval_every >= 1, "train.eval_every", ">= 1", t.eval_every)
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", t.checkpoint_every)
+    need(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
+    need(t.max_failures >= -1, "train.max_failures", ">= -1 (-1: retry forever)", t.max_failures)
+    need(sc.num_workers >= 0, "scaling.num_workers", ">= 1 (or 0 for local mode)", sc.num_workers)
+    need(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0", sc.cpus_per_worker)
+    need(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy",
+         "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", sc.placement_strategy)
+    per_step = max(sc.num_workers, 1) * o.grad_accum
+    need(d.batch_size >= per_step and d.batch_size % per_step == 0, "data.batch_size",
+         f"a positive multiple of scaling.num_workers x optim.grad_accum = {per_step}", d.batch_size)
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    for split in d.eval_splits:
+        need(split in ("val", "test"), "data.eval_splits", "a list of val and/or test", d.eval_splits)
+    need(cfg.model.dropout >= 0 and cfg.model.dropout < 1, "model.dropout", "in [0, 1)", cfg.model.dropout)
+    if cfg.run.name is not None:
+        need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "a name without '/'", cfg.run.name)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(d: dict) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+
+
+SECRET_WORDS = ("secret", "password", "token", "access_key", "credential", "api_key")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; values whose key names a secret are redacted."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = "***" if any(w in k.lower() for w in SECRET_WORDS) and v is not None else v
+    return out

@@ -1,0 +1,77 @@
+"""MLflow on the driver: the run (explicit id, found again by name on resume), params, tags,
+artifacts. Workers only log metrics into the run id they are given (train_loop.MlflowEpochLogger).
+
+Embedded default: a sqlite store in the working directory (MLflow refuses plain `file:` stores).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+from orchestrator.config import Config, flatten, to_dict, to_yaml
+
+RUN_NAME_TAG = "vis4mer.run_name"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.tracking_uri or default_tracking_uri()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def manifest_hash(manifest_json: str) -> str:
+    return hashlib.sha256(manifest_json.encode()).hexdigest()
+
+
+def get_or_create_run(cfg: Config, name: str, tags: dict, parent_run_id: str | None = None) -> str:
+    """The MLflow run for this run name: the existing one (a resumed run logs into it) or a new one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items() if v is not None}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    params = flatten(to_dict(cfg))  # secrets redacted by key name
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client.log_text(run.info.run_id, to_yaml(cfg), "config.yaml")
+    return run.info.run_id
+
+
+def finish_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
+
+
+def log_best_model(cfg: Config, run_id: str, model) -> None:
+    """The best checkpoint as an MLflow PyTorch model (artifact `best_model`)."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="best_model")

@@ -1,0 +1,162 @@
+"""The training driver: config -> checks -> Ray Data + TorchTrainer -> MLflow.
+
+    outcome = run_training(load_config("train.yaml", ["optim.lr=3e-3"]))
+
+Checks everything it can before starting any Ray work (config, dataset manifest, model schedule
+against the dataset's sequence length). The run has a stable name (`run.name`, or one derived from
+the config), so running the same config again resumes from its last checkpoint (Ray Train V2
+resumes by name and storage path) and logs into the same MLflow run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from datasets.format import MANIFEST, FeatureDataset, open_dataset
+from datasets.storage import StorageOptions, filesystems
+from orchestrator.config import Config, ConfigError, to_dict, to_yaml, validate
+from orchestrator.train_loop import STATE, model_config, train_loop_per_worker
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    run_id: str | None
+    metrics: dict
+    checkpoint_path: str | None
+    best_uri: str | None
+
+
+def storage_options(s) -> StorageOptions:
+    return StorageOptions(endpoint_url=s.endpoint_url, region=s.region, profile=s.profile, path_style=s.path_style)
+
+
+def run_name(cfg: Config) -> str:
+    if cfg.run.name:
+        return cfg.run.name
+    d = to_dict(cfg)
+    d["run"].pop("name", None)
+    return "train-" + hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def prepare(cfg: Config) -> tuple[FeatureDataset, object]:
+    """Config + dataset checks that need no Ray: returns the dataset and the model config."""
+    validate(cfg)
+    ds = open_dataset(cfg.data.uri, storage_options(cfg.data.storage))
+    for split in ["train", *cfg.data.eval_splits]:
+        if not ds.shards(split):
+            raise ConfigError(f"data.eval_splits: {cfg.data.uri} has no {split!r} split "
+                              f"(it has {sorted(ds.manifest.split_rows())})")
+    mcfg = model_config(cfg, ds.task)
+    try:
+        mcfg.validate()
+    except ValueError as e:
+        raise ConfigError(f"model: {e} (sequence length {ds.task.seq_len} from {cfg.data.uri})") from None
+    rows = ds.manifest.split_rows()["train"]
+    workers = max(cfg.scaling.num_workers, 1)
+    if rows // workers < cfg.data.batch_size // workers:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: larger than the {rows} training videos "
+                          f"can fill on {workers} worker(s)")
+    return ds, mcfg
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # more logical CPUs than cores: Train workers must not starve Ray Data's read tasks
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+
+
+def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
+                 parent_run_id: str | None = None, extra_tags: dict | None = None) -> TrainOutcome:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from datasets.pipeline import read_split
+    from orchestrator import tracking
+
+    ds, _ = prepare(cfg)
+    name = run_name(cfg)
+    run_res = filesystems(cfg.run.storage_path, storage_options(cfg.run.storage))
+    best_uri = run_res.uri(name, "best")
+
+    init_ray(address)
+    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < max(cfg.scaling.num_workers, 1):
+        raise ConfigError(f"scaling.use_gpu=true with {cfg.scaling.num_workers} worker(s): the cluster has "
+                          f"{int(ray.cluster_resources().get('GPU', 0))} GPU(s)")
+
+    run_id = None
+    if cfg.tracking.enabled:
+        manifest_text = ds.manifest.to_json()
+        tags = {"vis4mer.dataset": cfg.data.uri, "vis4mer.dataset_manifest_sha256": tracking.manifest_hash(manifest_text),
+                "vis4mer.git_commit": tracking.git_commit(), "vis4mer.ray_job_id": ray.get_runtime_context().get_job_id(),
+                "vis4mer.task": ds.task.name, **(extra_tags or {})}
+        run_id = tracking.get_or_create_run(cfg, name, tags, parent_run_id)
+
+    datasets = {"train": read_split(ds, "train", shuffle_files=cfg.data.shuffle_files, seed=cfg.train.seed)}
+    for split in cfg.data.eval_splits:
+        datasets[split] = read_split(ds, split)
+    worker_cfg = {
+        "cfg": to_dict(cfg), "task": ds.task.to_dict(), "run_id": run_id,
+        "tracking_uri": tracking.tracking_uri(cfg), "best_uri": best_uri,
+        "storage": vars(storage_options(cfg.run.storage)),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_cfg,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} if cfg.scaling.num_workers else None,
+            placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=run_res.path,
+            storage_filesystem=None if run_res.scheme == "file" else run_res.pa,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            tracking.finish_run(cfg, run_id, "FAILED")
+        raise
+    metrics = dict(result.metrics or {})
+    if run_id:
+        best = load_best_model(cfg, best_uri, ds)
+        if best is not None:
+            tracking.log_best_model(cfg, run_id, best)
+        tracking.finish_run(cfg, run_id)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(name, run_id, metrics, ckpt, best_uri)
+
+
+def load_best_model(cfg: Config, best_uri: str, ds: FeatureDataset | None = None):
+    """The model of the best checkpoint (weights only), or None when there is none yet."""
+    import io
+
+    import torch
+
+    from model import ViS4mer
+
+    res = filesystems(best_uri, storage_options(cfg.run.storage))
+    try:
+        with res.pa.open_input_file(res.join(STATE)) as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except (FileNotFoundError, OSError):
+        return None
+    ds = ds or open_dataset(cfg.data.uri, storage_options(cfg.data.storage))
+    model = ViS4mer(model_config(cfg, ds.task))
+    model.load_state_dict(state["model"])
+    return model.eval()
