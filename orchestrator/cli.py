@@ -35,6 +35,22 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # every check before any Ray work
+    from orchestrator.progress import EpochProgress
+    from orchestrator.trainer import run_training
+
+    out = run_training(cfg, address=args.address, callbacks=[EpochProgress(cfg.train.epochs)])
+    print(f"run {out.name} finished")
+    if out.run_id:
+        print(f"mlflow run id: {out.run_id}")
+    final = {k: round(v, 5) if isinstance(v, float) else v for k, v in out.metrics.items()}
+    print(f"final metrics: {final}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -61,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registered model variants")
     m.set_defaults(func=_cmd_models)
     data_cli.register(sub, _positive_int)
+    t = sub.add_parser("train", help="train on Ray Train (local Ray, or --address / RAY_ADDRESS), tracked in MLflow")
+    t.add_argument("config", help="training config YAML")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-3 scaling.num_workers=2")
+    t.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    t.set_defaults(func=_cmd_train)
     return p
 
 
@@ -68,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from datasets.format import DatasetError
     from datasets.storage import StorageError
+    from orchestrator.config import ConfigError
 
     try:
         return args.func(args)
-    except (UserError, ValueError, KeyError, DatasetError, StorageError) as e:
+    except (UserError, ConfigError, ValueError, KeyError, DatasetError, StorageError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"vis4mer {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Typed run configuration: omegaconf structured configs, YAML files, `key=value` overrides.
 
-    cfg = load_config("sweeps/train_demo.yaml", ["optim.lr=3e-3", "scaling.num_workers=2"])
+    cfg = load_config("sweeps/train_synthetic.yaml", ["optim.lr=3e-3", "scaling.num_workers=2"])
 
 Everything is validated here, before any Ray or cluster work: an unknown key, a wrong type or an
 impossible value raises ConfigError (one line naming the key and what was expected); the CLI turns
@@ -88,7 +88,8 @@ class TrainCfg:
 
 @dataclass
 class ScalingCfg:
-    num_workers: int = 1  # 0: Ray Train's local mode (in the driver process)
+    num_workers: int = 1
+    local_mode: bool = False  # Ray Train's local mode: the training function runs in the driver process
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
@@ -182,11 +183,13 @@ def validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", t.checkpoint_every)
     need(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
     need(t.max_failures >= -1, "train.max_failures", ">= -1 (-1: retry forever)", t.max_failures)
-    need(sc.num_workers >= 0, "scaling.num_workers", ">= 1 (or 0 for local mode)", sc.num_workers)
+    need(sc.num_workers >= 1, "scaling.num_workers", ">= 1 (scaling.local_mode=true runs in the driver)", sc.num_workers)
+    need(not (sc.local_mode and (sc.num_workers > 1 or sc.use_gpu)), "scaling.local_mode",
+         "false with several workers or GPUs (local mode is one process)", sc.local_mode)
     need(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0", sc.cpus_per_worker)
     need(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy",
          "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", sc.placement_strategy)
-    per_step = max(sc.num_workers, 1) * o.grad_accum
+    per_step = sc.num_workers * o.grad_accum
     need(d.batch_size >= per_step and d.batch_size % per_step == 0, "data.batch_size",
          f"a positive multiple of scaling.num_workers x optim.grad_accum = {per_step}", d.batch_size)
     need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)

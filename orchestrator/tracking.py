@@ -74,4 +74,4 @@ def log_best_model(cfg: Config, run_id: str, model) -> None:
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="best_model")
+        mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle")

@@ -55,7 +55,7 @@ def prepare(cfg: Config) -> tuple[FeatureDataset, object]:
     except ValueError as e:
         raise ConfigError(f"model: {e} (sequence length {ds.task.seq_len} from {cfg.data.uri})") from None
     rows = ds.manifest.split_rows()["train"]
-    workers = max(cfg.scaling.num_workers, 1)
+    workers = cfg.scaling.num_workers
     if rows // workers < cfg.data.batch_size // workers:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: larger than the {rows} training videos "
                           f"can fill on {workers} worker(s)")
@@ -64,15 +64,18 @@ def prepare(cfg: Config) -> tuple[FeatureDataset, object]:
 
 def init_ray(address: str | None = None) -> None:
     import ray
+    from ray.data import DataContext
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # more logical CPUs than cores: Train workers must not starve Ray Data's read tasks
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # more logical CPUs than cores: Train workers must not starve Ray Data's read tasks
+            ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+    ctx = DataContext.get_current()  # progress is ours to show: one line per epoch
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
@@ -90,7 +93,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     best_uri = run_res.uri(name, "best")
 
     init_ray(address)
-    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < max(cfg.scaling.num_workers, 1):
+    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.scaling.num_workers:
         raise ConfigError(f"scaling.use_gpu=true with {cfg.scaling.num_workers} worker(s): the cluster has "
                           f"{int(ray.cluster_resources().get('GPU', 0))} GPU(s)")
 
@@ -114,8 +117,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         train_loop_per_worker,
         train_loop_config=worker_cfg,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker} if cfg.scaling.num_workers else None,
+            num_workers=0 if cfg.scaling.local_mode else cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=None if cfg.scaling.local_mode else {"CPU": cfg.scaling.cpus_per_worker},
             placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,

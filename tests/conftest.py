@@ -114,3 +114,38 @@ def ray_session():
     DataContext.get_current().print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend) on 127.0.0.1, stopped by PID."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", 60, proc)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn worker
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(15)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """A small synthetic_order dataset: 16 train videos of 32..40 frames x 2 tokens x 8 dims."""
+    from datasets.synthetic import write_synthetic
+
+    uri = str(tmp_path_factory.mktemp("data") / "synthetic_order")
+    write_synthetic(uri, videos=(16, 8, 8), frames=40, min_frames=32, tokens=2, dim=8, seed=0)
+    return uri

@@ -1,0 +1,178 @@
+"""Training on Ray Train: config validation, local mode, DDP equivalence, a two-node cluster,
+a real MLflow server, checkpoints on S3 and a run that resumes from them."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def tiny(uri: str, tmp_path, *extra: str) -> list[str]:
+    return [f"data.uri={uri}", f"run.storage_path={tmp_path}/runs", "model.d_model=16", "model.n_layers=2",
+            "model.d_state=8", "model.dropout=0.0", "data.batch_size=16", "data.eval_batch_size=16",
+            "train.epochs=2", "train.seed=3", "schedule.kind=constant", "optim.lr=0.01", "tracking.enabled=false",
+            "data.shuffle_files=false", *extra]
+
+
+# --- config: every check before any Ray work ------------------------------------------------
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("train.epochs=ten", "train.epochs: Value 'ten' of type 'str' could not be converted to Integer"),
+    ("optim.lr=-0.1", r"optim.lr=-0.1: expected > 0"),
+    ("scaling.num_workers=0", r"scaling.num_workers=0: expected >= 1"),
+    ("data.batch_size=0", r"data.batch_size=0: expected a positive multiple of scaling.num_workers x optim.grad_accum = 1"),
+    ("schedule.kind=step", "schedule.kind='step': expected plateau, cosine or constant"),
+    ("optimlr", "override 'optimlr': expected key=value"),
+])
+def test_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(ROOT / "sweeps" / "train_synthetic.yaml"), [override])
+
+
+def test_schedule_too_deep_and_missing_gpu_are_refused(synthetic_dataset, tmp_path, ray_session):
+    from orchestrator.trainer import prepare, run_training
+
+    cfg = load_config(None, tiny(synthetic_dataset, tmp_path, "model.n_layers=8", "model.d_model=1024"))
+    with pytest.raises(ConfigError, match=r"model: stage 6: pooling length 1 by 2 leaves no time step.*sequence length 80"):
+        prepare(cfg)
+    cfg = load_config(None, tiny(synthetic_dataset, tmp_path, "scaling.use_gpu=true"))
+    with pytest.raises(ConfigError, match="scaling.use_gpu=true with 1 worker.*the cluster has 0 GPU"):
+        run_training(cfg)
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_every_shipped_training_yaml_validates():
+    files = sorted(glob.glob(str(ROOT / "sweeps" / "train_*.yaml")))
+    assert files
+    for f in files:
+        assert Path(f).read_text().startswith("# vis4mer train "), f  # the launch command comes first
+        load_config(f)
+
+
+def test_cli_train_bad_config_exits_2_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(ROOT / "sweeps" / "train_synthetic.yaml"),
+                          "optim.lr=-1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "vis4mer train: error: optim.lr=-1.0: expected > 0"
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def final_state(outcome) -> dict:
+    return torch.load(os.path.join(outcome.checkpoint_path, "state.pt"), weights_only=True)
+
+
+def test_local_mode(synthetic_dataset, tmp_path, ray_session):
+    from orchestrator.trainer import run_training
+
+    cfg = load_config(None, tiny(synthetic_dataset, tmp_path, "scaling.local_mode=true", "run.name=local"))
+    out = run_training(cfg)
+    assert out.metrics["epoch"] == 1 and out.metrics["steps"] == 1
+    for key in ("train_loss", "train_acc", "val_loss", "val_top1", "lr", "clips_per_s", "tokens_per_s",
+                "data_wait_frac", "peak_mem_gb"):
+        assert key in out.metrics, key
+    assert 0 <= out.metrics["val_top1"] <= 1 and 0 <= out.metrics["data_wait_frac"] <= 1
+    # local mode keeps no Ray checkpoints; the best state is written to the run's storage all the same
+    best = Path(out.best_uri)
+    state = torch.load(best / "state.pt", weights_only=True)
+    assert state["epoch"] in (0, 1) and set(state) >= {"model", "optimizer", "scheduler", "torch_rng", "best"}
+    assert (best / "config.yaml").read_text().count("local_mode: true") == 1
+
+
+def test_two_worker_ddp_equals_one_process(synthetic_dataset, tmp_path, ray_session):
+    """Global batch = the 16 training videos: each step sees the same examples either way."""
+    from orchestrator.trainer import run_training
+
+    one = run_training(load_config(None, tiny(synthetic_dataset, tmp_path, "run.name=one", "scaling.num_workers=1")))
+    two = run_training(load_config(None, tiny(synthetic_dataset, tmp_path, "run.name=two", "scaling.num_workers=2",
+                                              "scaling.cpus_per_worker=1")))
+    a, b = final_state(one)["model"], final_state(two)["model"]
+    init = load_config(None, tiny(synthetic_dataset, tmp_path))
+    moved = 0.0
+    for k in a:
+        rel = ((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item()
+        assert rel <= 1e-5, (k, rel)
+    # and training did move the parameters (2 steps of lr 0.01)
+    from datasets.format import open_dataset
+    from model import ViS4mer
+    from orchestrator.train_loop import model_config
+    torch.manual_seed(init.train.seed)
+    fresh = ViS4mer(model_config(init, open_dataset(synthetic_dataset).task)).state_dict()
+    moved = max(((a[k] - fresh[k]).norm() / fresh[k].norm().clamp_min(1e-12)).item() for k in a)
+    assert moved > 1e-3
+    assert one.metrics["steps"] == two.metrics["steps"] == 1
+
+
+def test_two_node_cluster(synthetic_dataset, tmp_path):
+    """A head and a worker node (ray.cluster_utils.Cluster), one Train worker on each."""
+    script = textwrap.dedent(f"""
+        import os, ray
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2, "object_store_memory": 256 * 2**20}})
+        cluster.add_node(num_cpus=2, object_store_memory=256 * 2**20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        from orchestrator.config import load_config
+        from orchestrator.trainer import run_training
+        cfg = load_config(None, {tiny(synthetic_dataset, tmp_path, "run.name=cluster", "scaling.num_workers=2",
+                                      "scaling.placement_strategy=STRICT_SPREAD", "train.epochs=1")!r})
+        out = run_training(cfg)
+        print("EPOCH", out.metrics["epoch"], "STEPS", out.metrics["steps"])
+        ray.shutdown()
+        cluster.shutdown()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "EPOCH 0 STEPS 1" in out.stdout
+
+
+def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ray_session, mlflow_server,
+                                                 s3_server, s3_bucket):
+    import mlflow
+
+    from orchestrator.trainer import load_best_model, run_training
+
+    bucket, fs = s3_bucket
+    args = tiny(synthetic_dataset, tmp_path, "tracking.enabled=true", f"tracking.tracking_uri={mlflow_server}",
+                "tracking.experiment=resume-test", "run.name=resumable", f"run.storage_path=s3://{bucket}/runs",
+                f"run.storage.endpoint_url={s3_server.endpoint}", "train.keep_last=1", "train.epochs=2")
+    first = run_training(load_config(None, args))
+    assert fs.ls(f"{bucket}/runs/resumable")  # checkpoints went to the S3 endpoint
+    assert any("best" in p for p in fs.ls(f"{bucket}/runs/resumable"))
+
+    # same name, more epochs: resumes from the epoch-1 checkpoint, into the same MLflow run
+    second = run_training(load_config(None, [*args, "train.epochs=3"]))
+    assert second.run_id == first.run_id and second.metrics["epoch"] == 2
+    ckpts = [p for p in fs.ls(f"{bucket}/runs/resumable") if "checkpoint_" in p.split("/")[-1]]
+    assert len(ckpts) == 1  # keep_last=1
+
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["resume-test"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED" and run["params.optim.lr"] == "0.01" and run["params.model.d_state"] == "8"
+    assert len(run["tags.vis4mer.dataset_manifest_sha256"]) == 64 and run["tags.vis4mer.ray_job_id"]
+    client = mlflow.tracking.MlflowClient(mlflow_server)
+    history = client.get_metric_history(first.run_id, "val_top1")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # each epoch once: the resume did not repeat one
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
+    assert "config.yaml" in artifacts
+    logged = client.search_logged_models(experiment_ids=[run["experiment_id"]])
+    assert any(m.source_run_id == first.run_id for m in logged)  # the best checkpoint as an MLflow model
+    best = load_best_model(load_config(None, args), second.best_uri)
+    assert best is not None and sum(p.numel() for p in best.parameters()) > 0
