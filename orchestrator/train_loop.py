@@ -201,7 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - t0
         train_loss, train_acc, total_clips, wait_frac = _all_reduce_mean(
             [loss_sum / max(clips, 1), correct / max(clips, 1), clips * world, wait / max(elapsed, 1e-9)], world)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"],
+        metrics = {"epoch": epoch, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "epoch_time_s": elapsed,
                    "clips_per_s": total_clips / elapsed, "tokens_per_s": total_clips * task.seq_len / elapsed,
                    "data_wait_frac": wait_frac, "peak_mem_gb": _peak_memory_gb(device), "steps": steps}
         if task.type == "classification":

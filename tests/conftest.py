@@ -23,6 +23,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# Test credentials for the moto S3 server, set before Ray starts so that Train workers inherit
+# them (as workers on a real cluster get theirs from their environment or instance identity).
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +86,6 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
     server = S3Server(free_port())
     server.start()
     yield server

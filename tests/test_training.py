@@ -158,7 +158,7 @@ def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ra
     # same name, more epochs: resumes from the epoch-1 checkpoint, into the same MLflow run
     second = run_training(load_config(None, [*args, "train.epochs=3"]))
     assert second.run_id == first.run_id and second.metrics["epoch"] == 2
-    ckpts = [p for p in fs.ls(f"{bucket}/runs/resumable") if "checkpoint_" in p.split("/")[-1]]
+    ckpts = [p for p in fs.ls(f"{bucket}/runs/resumable") if p.split("/")[-1].startswith("checkpoint_2")]
     assert len(ckpts) == 1  # keep_last=1
 
     mlflow.set_tracking_uri(mlflow_server)
