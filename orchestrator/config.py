@@ -53,6 +53,7 @@ class DataCfg:
     eval_batch_size: int = 32  # windows per evaluation batch, per worker
     shuffle_files: bool = True
     shuffle_buffer: Optional[int] = None  # rows; local shuffle on each worker
+    cache: bool = False  # materialise the videos in Ray's object store once (data that fits in memory)
     eval_splits: List[str] = field(default_factory=lambda: ["val"])
 
 

@@ -27,6 +27,7 @@ class TrainOutcome:
     metrics: dict
     checkpoint_path: str | None
     best_uri: str | None
+    result: object = None  # ray.train.Result: per-checkpoint metrics in result.best_checkpoints
 
 
 def storage_options(s) -> StorageOptions:
@@ -108,6 +109,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     datasets = {"train": read_split(ds, "train", shuffle_files=cfg.data.shuffle_files, seed=cfg.train.seed)}
     for split in cfg.data.eval_splits:
         datasets[split] = read_split(ds, split)
+    if cfg.data.cache:  # read once; later epochs stream from the object store (examples still vary per epoch)
+        datasets = {k: v.materialize() for k, v in datasets.items()}
     worker_cfg = {
         "cfg": to_dict(cfg), "task": ds.task.to_dict(), "run_id": run_id,
         "tracking_uri": tracking.tracking_uri(cfg), "best_uri": best_uri,
@@ -142,7 +145,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
             tracking.log_best_model(cfg, run_id, best)
         tracking.finish_run(cfg, run_id)
     ckpt = result.checkpoint.path if result.checkpoint else None
-    return TrainOutcome(name, run_id, metrics, ckpt, best_uri)
+    return TrainOutcome(name, run_id, metrics, ckpt, best_uri, result)
 
 
 def load_best_model(cfg: Config, best_uri: str, ds: FeatureDataset | None = None):
