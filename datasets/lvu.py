@@ -66,6 +66,8 @@ class ImportReport:
 def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
                storage: StorageOptions | None = None, shard_bytes: int = 512 * 2**20,
                overwrite: bool = False) -> tuple[Manifest, ImportReport]:
+    if task not in LVU_TASKS:
+        raise ValueError(f"LVU task {task!r}: expected one of {', '.join(LVU_TASKS)}")
     spec = get_task(f"lvu_{task}")
     labels = filesystems(labels_dir, storage)
     feats = filesystems(features_uri, storage)
