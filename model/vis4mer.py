@@ -14,7 +14,7 @@ are the released model's, minus its never-applied input projection.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch

@@ -14,9 +14,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from datasets.format import MANIFEST, FeatureDataset, open_dataset
+from datasets.format import FeatureDataset, open_dataset
 from datasets.storage import StorageOptions, filesystems
-from orchestrator.config import Config, ConfigError, to_dict, to_yaml, validate
+from orchestrator.config import Config, ConfigError, to_dict, validate
 from orchestrator.train_loop import STATE, model_config, train_loop_per_worker
 
 

@@ -1,7 +1,6 @@
 """ViS4mer and its attention baseline: every registered variant, schedules, hints, determinism."""
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
