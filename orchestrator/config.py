@@ -178,7 +178,9 @@ def validate(cfg: Config) -> None:
     need(0 < s.factor < 1, "schedule.factor", "in (0, 1)", s.factor)
     need(s.interval >= 1, "schedule.interval", ">= 1", s.interval)
     need(s.patience >= 0, "schedule.patience", ">= 0", s.patience)
-    need(0 <= s.warmup_epochs < max(t.epochs, 1), "schedule.warmup_epochs", f"in [0, train.epochs={t.epochs})", s.warmup_epochs)
+    if s.kind == "cosine":
+        need(0 <= s.warmup_epochs < max(t.epochs, 1), "schedule.warmup_epochs", f"in [0, train.epochs={t.epochs})",
+             s.warmup_epochs)
     need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     need(t.eval_every >= 1, "train.eval_every", ">= 1", t.eval_every)
     need(t.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", t.checkpoint_every)
