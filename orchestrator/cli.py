@@ -51,6 +51,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from orchestrator.sweep import load_sweep, run_sweep
+
+    if args.resume:
+        spec = load_sweep(args.resume_file or f"sweeps/{args.sweep}.yaml", args.overrides)
+    else:
+        if args.sweep is None:
+            raise UserError("expected SWEEP.yaml (or --resume NAME)")
+        spec = load_sweep(args.sweep, args.overrides)
+    grid, parent = run_sweep(spec, resume=args.resume, address=args.address)
+    ok = [r for r in grid if r.metrics]
+    print(f"sweep {spec.name}: {len(grid)} trials, {len(ok)} reported, {sum(1 for r in grid if r.error)} errored")
+    if parent:
+        print(f"mlflow parent run id: {parent}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -82,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-3 scaling.num_workers=2")
     t.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     t.set_defaults(func=_cmd_train)
+    w = sub.add_parser("sweep", help="run a sweep (sweeps/*.yaml) on Ray Tune, tracked in MLflow")
+    w.add_argument("sweep", nargs="?", help="sweep YAML (with --resume: the sweep's name)")
+    w.add_argument("overrides", nargs="*", help="key=value overrides of the base training config")
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep without rerunning finished trials")
+    w.add_argument("--resume-file", help="with --resume: the sweep YAML (default sweeps/NAME.yaml)")
+    w.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    w.set_defaults(func=_cmd_sweep)
     return p
 
 

@@ -198,7 +198,14 @@ def validate(cfg: Config) -> None:
     need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
     for split in d.eval_splits:
         need(split in ("val", "test"), "data.eval_splits", "a list of val and/or test", d.eval_splits)
-    need(cfg.model.dropout >= 0 and cfg.model.dropout < 1, "model.dropout", "in [0, 1)", cfg.model.dropout)
+    m = cfg.model
+    need(m.dropout >= 0 and m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
+    need(m.n_layers >= 0, "model.n_layers", ">= 0", m.n_layers)
+    for name in ("pool", "pool_type", "width_div"):
+        v = getattr(m, name)
+        if v is not None and len(v) != m.n_layers:
+            raise ConfigError(f"model.{name} has {len(v)} entries but model.n_layers={m.n_layers}: "
+                              "expected one per stage")
     if cfg.run.name is not None:
         need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "a name without '/'", cfg.run.name)
 

@@ -75,3 +75,45 @@ def log_best_model(cfg: Config, run_id: str, model) -> None:
     mlflow.set_tracking_uri(tracking_uri(cfg))
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle")
+
+
+def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict) -> str:
+    """The sweep's parent run: found again by its sweep tag when the sweep is resumed."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=sweep, tags={"vis4mer.sweep_parent": sweep, **tags,
+                                                          "vis4mer.git_commit": git_commit() or ""})
+    client.log_text(run.info.run_id, json.dumps(search_space, indent=2), "search_space.json")
+    client.log_text(run.info.run_id, to_yaml(cfg), "base_config.yaml")
+    return run.info.run_id
+
+
+def summarise_parent(cfg: Config, parent_id: str, grid, metric: str, mode: str) -> None:
+    """Best config and a summary table (one row per trial) on the parent run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial_id": m.get("trial_id"), "config": r.config, metric: m.get(metric),
+                     "epochs": m.get("training_iteration"), "error": str(r.error) if r.error else None})
+    client.log_text(parent_id, json.dumps(rows, indent=2, default=str), "summary.json")
+    try:
+        best = grid.get_best_result(metric=metric, mode=mode)
+        client.log_text(parent_id, json.dumps(best.config, indent=2, default=str), "best_config.json")
+        if best.metrics and metric in best.metrics:
+            client.log_metric(parent_id, f"best_{metric}", float(best.metrics[metric]))
+    except RuntimeError:
+        pass  # no trial reported the metric
+    client.set_terminated(parent_id, status="FINISHED")

@@ -110,7 +110,8 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False,
+    # the dashboard (State API) is what frees the workers of a trial that Tune stops (ASHA)
+    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
              log_to_driver=False, logging_level="ERROR")
     DataContext.get_current().enable_progress_bars = False
     DataContext.get_current().print_on_execution_start = False
