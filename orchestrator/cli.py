@@ -68,6 +68,18 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_best(args) -> int:
+    from orchestrator.best import best_trials, format_table, write_best_config
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    metric, mode, rows = best_trials(uri, args.experiment, args.sweep, args.metric, args.top)
+    print(f"best trials by {metric} ({mode}):")
+    print(format_table(metric, rows))
+    print(f"wrote {write_best_config(uri, rows[0], args.out)}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -106,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume-file", help="with --resume: the sweep YAML (default sweeps/NAME.yaml)")
     w.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     w.set_defaults(func=_cmd_sweep)
+    b = sub.add_parser("best", help="best trials of a sweep, from MLflow only; writes the best config as a training YAML")
+    b.add_argument("--sweep", help="sweep name (default: every sweep in the experiment)")
+    b.add_argument("--metric", help="default: the sweep's metric")
+    b.add_argument("--top", type=_positive_int, default=5)
+    b.add_argument("--tracking-uri", help="default: sqlite:///$PWD/mlflow.db")
+    b.add_argument("--experiment", default="vis4mer")
+    b.add_argument("--out", default="best.yaml")
+    b.set_defaults(func=_cmd_best)
     return p
 
 

@@ -78,3 +78,18 @@ def test_asha_stops_a_trial_and_later_trials_run(synthetic_dataset, tmp_path, ra
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(children) == 4 and len(runs) == 5
     assert len({r.data.tags["vis4mer.trial_id"] for r in children}) == 4
+
+    # vis4mer best: MLflow only; the trial with the lowest train_loss, its config as a training YAML
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "best", "--sweep", "asha", "--experiment", "asha",
+                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--top", "4", "--out", str(tmp_path / "best.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    losses = {r.data.tags["vis4mer.trial_id"]: r.data.metrics["train_loss"] for r in children}
+    best_id = min(losses, key=losses.get)
+    table = [l for l in out.stdout.splitlines() if l.strip().startswith("1 ")]
+    assert table and best_id in table[0]
+    from orchestrator.config import load_config
+    best_cfg = load_config(str(tmp_path / "best.yaml"))
+    assert best_cfg.optim.lr == pytest.approx(next(r for r in grid if r.metrics["trial_id"] == best_id).config["optim.lr"])

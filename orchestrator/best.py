@@ -1,0 +1,74 @@
+"""`vis4mer best`: the best trials of a sweep, from MLflow alone (no Ray needed).
+
+Works from any machine that reaches the tracking server: it reads the sweep's child runs (tag
+`vis4mer.sweep`), ranks them by the metric, prints a table and writes the best trial's resolved
+config (its `config.yaml` artifact) as a ready-to-run training YAML.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from orchestrator.config import ConfigError
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_id: str
+    value: float
+    params: dict
+    status: str
+
+
+def best_trials(tracking_uri: str, experiment: str, sweep: str | None, metric: str | None,
+                top: int = 5) -> tuple[str, str, list[TrialRow]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"experiment {experiment!r} not found at {tracking_uri}")
+    filt = f"tags.`vis4mer.sweep` = '{sweep}'" if sweep else "tags.`vis4mer.trial_id` != ''"
+    runs = client.search_runs([exp.experiment_id], filter_string=filt, max_results=5000)
+    if not runs:
+        raise ConfigError(f"no sweep trials{' of ' + repr(sweep) if sweep else ''} in experiment {experiment!r}")
+    if metric is None:
+        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'"
+                                     if sweep else "tags.`vis4mer.sweep_parent` != ''", max_results=1)
+        metric = parents[0].data.tags.get("vis4mer.metric") if parents else None
+        if metric is None:
+            raise ConfigError("no metric recorded for this sweep: pass --metric")
+    mode = "max" if metric.endswith(("top1", "acc")) else "min"
+    rows: dict[str, TrialRow] = {}
+    for r in runs:
+        if metric not in r.data.metrics:
+            continue
+        tid = r.data.tags.get("vis4mer.trial_id", r.info.run_id)
+        row = TrialRow(tid, r.info.run_id, r.data.metrics[metric], json.loads(r.data.tags.get("vis4mer.params", "{}")),
+                       r.info.status)
+        rows.setdefault(tid, row)  # one row per trial, even if a run was ever duplicated
+    ranked = sorted(rows.values(), key=lambda t: t.value, reverse=(mode == "max"))
+    if not ranked:
+        raise ConfigError(f"no trial reported {metric!r}")
+    return metric, mode, ranked[:top]
+
+
+def write_best_config(tracking_uri: str, row: TrialRow, out: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    text = MlflowClient(tracking_uri).download_artifacts(row.run_id, "config.yaml")
+    with open(text) as f:
+        body = f.read()
+    lines = [ln for ln in body.splitlines() if not ln.strip().startswith("name:")]  # a fresh run name
+    with open(out, "w") as f:
+        f.write(f"# vis4mer train {out}\n# best trial {row.trial_id} ({json.dumps(row.params, sort_keys=True)})\n")
+        f.write("\n".join(lines) + "\n")
+    return out
+
+
+def format_table(metric: str, rows: list[TrialRow]) -> str:
+    out = [f"{'rank':>4}  {'trial':<12} {metric:>12}  status    params"]
+    for i, r in enumerate(rows, 1):
+        out.append(f"{i:>4}  {r.trial_id:<12} {r.value:>12.5g}  {r.status:<8}  {json.dumps(r.params, sort_keys=True)}")
+    return "\n".join(out)
