@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,13 +175,6 @@ def concurrency(spec: SweepSpec, base: Config) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
-def sweep_storage(base: Config) -> str:
-    from datasets.storage import filesystems
-    from orchestrator.trainer import storage_options
-
-    return filesystems(base.run.storage_path, storage_options(base.run.storage)).path
-
-
 def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None, progress: bool = True):
     """Runs (or resumes) the sweep; returns (tune ResultGrid, parent MLflow run id)."""
     from ray import tune
@@ -200,8 +192,11 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     if base.tracking.enabled:
         parent = tracking.get_or_create_parent(base, spec.name, {SWEEP_TAG: spec.name, "vis4mer.metric": metric},
                                                search_space=spec.search_space)
-    storage = sweep_storage(base)
-    is_remote = base.run.storage_path.startswith(("s3://", "gs://"))
+    from datasets.storage import filesystems
+    from orchestrator.trainer import storage_options
+
+    res = filesystems(base.run.storage_path, storage_options(base.run.storage))
+    fs = None if res.scheme == "file" else res.pa  # Tune's experiment state beside the Train runs
 
     def trial_driver(params: dict) -> None:
         trial_id = tune.get_context().get_trial_id()
@@ -216,15 +211,13 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=s.get("max_t", epochs),
                                grace_period=s.get("grace_period", 1), reduction_factor=s.get("reduction_factor", 2))
                  if s["kind"] == "asha" else FIFOScheduler())
-    run_config = tune.RunConfig(name=spec.name, storage_path=storage,
-                                storage_filesystem=None if not is_remote else _pa_fs(base),
+    run_config = tune.RunConfig(name=spec.name, storage_path=res.path, storage_filesystem=fs,
                                 verbose=1 if progress else 0)
-    path = os.path.join(storage, spec.name) if not is_remote else f"{storage}/{spec.name}"
+    path = res.join(spec.name)
     if resume:
-        if not tune.Tuner.can_restore(path, storage_filesystem=None if not is_remote else _pa_fs(base)):
-            raise ConfigError(f"sweep {spec.name!r}: nothing to resume at {base.run.storage_path}/{spec.name}")
-        tuner = tune.Tuner.restore(path, trainable=trial_driver, resume_errored=True,
-                                   storage_filesystem=None if not is_remote else _pa_fs(base))
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise ConfigError(f"sweep {spec.name!r}: nothing to resume at {res.uri(spec.name)}")
+        tuner = tune.Tuner.restore(path, trainable=trial_driver, resume_errored=True, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(trial_driver, param_space=param_space(spec),
                            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
@@ -235,20 +228,3 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     if parent:
         tracking.summarise_parent(base, parent, grid, metric, mode)
     return grid, parent
-
-
-def _pa_fs(base: Config):
-    from datasets.storage import filesystems
-    from orchestrator.trainer import storage_options
-
-    return filesystems(base.run.storage_path, storage_options(base.run.storage)).pa
-
-
-def write_best_yaml(spec: SweepSpec, params: dict, out: str) -> str:
-    """The best trial's config as a ready-to-run training YAML."""
-    from orchestrator.config import to_yaml
-
-    cfg = trial_config(spec, params, [f"run.name={spec.name}-best"])
-    Path(out).write_text(f"# vis4mer train {out}\n# best trial of sweep {spec.name}: {json.dumps(params, sort_keys=True)}\n"
-                         + to_yaml(cfg))
-    return out
