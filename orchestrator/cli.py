@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator import cloud_cli, data_cli
+from orchestrator import cloud_cli, data_cli, k8s_cli
 
 
 class UserError(Exception):
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registered model variants")
     m.set_defaults(func=_cmd_models)
     data_cli.register(sub, _positive_int)
+    k8s_cli.register(sub, _positive_int)
     cloud_cli.register(sub, _positive_int)
     t = sub.add_parser("train", help="train on Ray Train (local Ray, or --address / RAY_ADDRESS), tracked in MLflow")
     t.add_argument("config", help="training config YAML")
