@@ -21,20 +21,32 @@ class TrialRow:
     status: str
 
 
-def best_trials(tracking_uri: str, experiment: str, sweep: str | None, metric: str | None,
+def experiment_ids(client, tracking_uri: str, experiment: str | None) -> list[str]:
+    """The named experiment, or every experiment of the store when none is named."""
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        if not ids:
+            raise ConfigError(f"no experiments at {tracking_uri}")
+        return ids
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"experiment {experiment!r} not found at {tracking_uri}")
+    return [exp.experiment_id]
+
+
+def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, metric: str | None,
                 top: int = 5) -> tuple[str, str, list[TrialRow]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ConfigError(f"experiment {experiment!r} not found at {tracking_uri}")
+    exp_ids = experiment_ids(client, tracking_uri, experiment)
     filt = f"tags.`vis4mer.sweep` = '{sweep}'" if sweep else "tags.`vis4mer.trial_id` != ''"
-    runs = client.search_runs([exp.experiment_id], filter_string=filt, max_results=5000)
+    runs = client.search_runs(exp_ids, filter_string=filt, max_results=5000)
     if not runs:
-        raise ConfigError(f"no sweep trials{' of ' + repr(sweep) if sweep else ''} in experiment {experiment!r}")
+        where = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise ConfigError(f"no sweep trials{' of ' + repr(sweep) if sweep else ''} in {where} at {tracking_uri}")
     if metric is None:
-        parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'"
+        parents = client.search_runs(exp_ids, filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'"
                                      if sweep else "tags.`vis4mer.sweep_parent` != ''", max_results=1)
         metric = parents[0].data.tags.get("vis4mer.metric") if parents else None
         if metric is None:

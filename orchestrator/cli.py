@@ -16,12 +16,16 @@ class UserError(Exception):
 
 
 def _cmd_demo(args) -> int:
-    from orchestrator.demo import run_demo
+    if args.model_only:
+        from orchestrator.demo import run_demo
 
-    print("vis4mer demo: temporal-order task (two events far apart in a noisy clip of "
-          f"{args.length} steps); chance is 50 %", flush=True)
-    run_demo(epochs=args.epochs, length=args.length, seed=args.seed)
-    return 0
+        print("vis4mer demo --model-only: temporal-order task (two events far apart in a noisy clip of "
+              f"{args.length} steps); chance is 50 %", flush=True)
+        run_demo(epochs=args.epochs, length=args.length, seed=args.seed)
+        return 0
+    from orchestrator.demo_sweep import run_demo_sweep
+
+    return run_demo_sweep(data_uri=args.data, overrides=args.overrides, address=args.address)
 
 
 def _cmd_models(args) -> int:
@@ -65,6 +69,22 @@ def _cmd_sweep(args) -> int:
     print(f"sweep {spec.name}: {len(grid)} trials, {len(ok)} reported, {sum(1 for r in grid if r.error)} errored")
     if parent:
         print(f"mlflow parent run id: {parent}")
+        from orchestrator.sweep_summary import print_sweep_results
+
+        print_sweep_results(spec)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from orchestrator.report import make_report
+    from orchestrator.sweep import report_dir
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    paths = make_report(uri, args.experiment, args.name, args.out or report_dir(args.name), args.metric)
+    for path in paths:
+        print(f"plot: {path}")
+    print(f"logged to the parent run of sweep {args.name!r} (artifacts report/)")
     return 0
 
 
@@ -98,10 +118,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vis4mer", description="ViS4mer long-video models on Ray: train, sweep, track.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    d = sub.add_parser("demo", help="short model demo on CPU (synthetic long-range task)")
-    d.add_argument("--epochs", type=_positive_int, default=15)
-    d.add_argument("--length", type=_positive_int, default=256)
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the main job: the demo sweep on a local Ray (synthesises its data if absent)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the demo sweep's base config")
+    d.add_argument("--data", default="data/synthetic_order", help="the demo dataset (written if absent)")
+    d.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    d.add_argument("--model-only", action="store_true", help="instead: a one-minute in-memory model demo, no Ray")
+    d.add_argument("--epochs", type=_positive_int, default=15, help="with --model-only")
+    d.add_argument("--length", type=_positive_int, default=256, help="with --model-only")
+    d.add_argument("--seed", type=int, default=0, help="with --model-only")
     d.set_defaults(func=_cmd_demo)
     m = sub.add_parser("models", help="list the registered model variants")
     m.set_defaults(func=_cmd_models)
@@ -125,9 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metric", help="default: the sweep's metric")
     b.add_argument("--top", type=_positive_int, default=5)
     b.add_argument("--tracking-uri", help="default: sqlite:///$PWD/mlflow.db")
-    b.add_argument("--experiment", default="vis4mer")
+    b.add_argument("--experiment", help="MLflow experiment (default: search them all)")
     b.add_argument("--out", default="best.yaml")
     b.set_defaults(func=_cmd_best)
+    r = sub.add_parser("report", help="plots of a sweep from MLflow (final metric vs d_state, depth, pooling; "
+                                      "learning curves), saved locally and logged to its parent run")
+    r.add_argument("name", help="sweep name")
+    r.add_argument("--metric", help="default: the sweep's metric")
+    r.add_argument("--tracking-uri", help="default: sqlite:///$PWD/mlflow.db")
+    r.add_argument("--experiment", help="MLflow experiment (default: search them all)")
+    r.add_argument("--out", help="folder for the PNGs (default: reports/NAME)")
+    r.set_defaults(func=_cmd_report)
     return p
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from orchestrator.config import Config, ConfigError, load_config
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_TAG = "vis4mer.sweep"
+DATA_CPUS_PER_TRIAL = 1
 
 
 @dataclass
@@ -171,8 +173,42 @@ def concurrency(spec: SweepSpec, base: Config) -> int:
 
     if spec.budget["max_concurrent_trials"]:
         return spec.budget["max_concurrent_trials"]
-    per_trial = 1 + (0 if base.scaling.local_mode else base.scaling.num_workers * base.scaling.cpus_per_worker)
+    # A trial's driver holds almost no CPU (it waits on its TorchTrainer); its workers hold theirs, and one CPU
+    # per trial stays free for Ray Data's read tasks, which would otherwise wait forever.
+    workers = 1 if base.scaling.local_mode else base.scaling.num_workers
+    per_trial = workers * base.scaling.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    if base.scaling.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return max(1, min(int(gpus // workers), int(ray.cluster_resources().get("CPU", 1) // per_trial)))
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Trials the sweep creates: the grid's size times num_samples (choices and ranges are sampled)."""
+    n = spec.budget["num_samples"]
+    for dist in spec.search_space.values():
+        kind, arg = next(iter(dist.items()))
+        n *= len(arg) if kind == "grid" else 1
+    return n
+
+
+def absolute_local_paths(cfg: Config) -> dict[str, str]:
+    """Overrides that pin the config's relative local paths to the driver's working directory.
+
+    Tune runs each trial in a directory of its own, where `data/...` or the embedded MLflow store
+    would resolve somewhere else."""
+    from orchestrator.tracking import default_tracking_uri
+
+    out = {}
+    for key, value in (("data.uri", cfg.data.uri), ("run.storage_path", cfg.run.storage_path)):
+        if "://" not in value and not os.path.isabs(value):
+            out[key] = os.path.abspath(value)
+    uri = cfg.tracking.tracking_uri
+    if cfg.tracking.enabled and not uri:
+        out["tracking.tracking_uri"] = default_tracking_uri()
+    elif uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        out["tracking.tracking_uri"] = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return out
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None, progress: bool = True):
@@ -182,12 +218,21 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from orchestrator import tracking
-    from orchestrator.trainer import init_ray, prepare, run_training
+    from orchestrator.sweep_callbacks import SweepProgress, TrialRunCloser
+    from orchestrator.trainer import check_gpus, init_ray, prepare, run_training
+
+    # Tune saves the sweep's state (which trials ended) at most this often (default: every >= 10 s).
+    # A driver killed within that window would restart a trial that had just ended: keep it short.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
     base = load_config(spec.base, spec.base_overrides())
+    pinned = absolute_local_paths(base)
+    if pinned:
+        spec = replace(spec, overrides={**spec.overrides, **pinned})
+        base = load_config(spec.base, spec.base_overrides())
     prepare(base)  # dataset and model checks before any Ray work
     metric, mode = sweep_metric(spec, base)
-    init_ray(address)
+    check_gpus(base, init_ray(address, log_to_driver=not progress))
     parent = None
     if base.tracking.enabled:
         parent = tracking.get_or_create_parent(base, spec.name, {SWEEP_TAG: spec.name, "vis4mer.metric": metric},
@@ -211,15 +256,19 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=s.get("max_t", epochs),
                                grace_period=s.get("grace_period", 1), reduction_factor=s.get("reduction_factor", 2))
                  if s["kind"] == "asha" else FIFOScheduler())
-    run_config = tune.RunConfig(name=spec.name, storage_path=res.path, storage_filesystem=fs,
-                                verbose=1 if progress else 0)
+    callbacks = [TrialRunCloser(base, spec.name, epochs)] if parent else []
+    if progress:
+        callbacks.append(SweepProgress(spec.name, metric, mode, epochs, total=trial_count(spec)))
+    run_config = tune.RunConfig(name=spec.name, storage_path=res.path, storage_filesystem=fs, verbose=0,
+                                callbacks=callbacks)
+    trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # next to nothing: see concurrency()
     path = res.join(spec.name)
     if resume:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise ConfigError(f"sweep {spec.name!r}: nothing to resume at {res.uri(spec.name)}")
-        tuner = tune.Tuner.restore(path, trainable=trial_driver, resume_errored=True, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        tuner = tune.Tuner(trial_driver, param_space=param_space(spec),
+        tuner = tune.Tuner(trainable, param_space=param_space(spec),
                            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                                        num_samples=spec.budget["num_samples"],
                                                        max_concurrent_trials=concurrency(spec, base)),
@@ -228,3 +277,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     if parent:
         tracking.summarise_parent(base, parent, grid, metric, mode)
     return grid, parent
+
+
+def report_dir(name: str) -> str:
+    """Where `vis4mer sweep` and `vis4mer report` save a sweep's plots locally."""
+    return os.path.join("reports", name)

@@ -64,7 +64,10 @@ def get_or_create_run(cfg: Config, name: str, tags: dict, parent_run_id: str | N
 def finish_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
+    client = MlflowClient(tracking_uri(cfg))
+    if status == "FAILED" and client.get_run(run_id).info.status != "RUNNING":
+        return  # already closed, e.g. by the sweep when its scheduler stopped the trial (then ended it)
+    client.set_terminated(run_id, status=status)
 
 
 def log_best_model(cfg: Config, run_id: str, model) -> None:
@@ -117,3 +120,24 @@ def summarise_parent(cfg: Config, parent_id: str, grid, metric: str, mode: str) 
     except RuntimeError:
         pass  # no trial reported the metric
     client.set_terminated(parent_id, status="FINISHED")
+
+
+def close_run_by_name(cfg: Config, name: str, status: str, tags: dict, error: str | None = None) -> str | None:
+    """Ends the run called `name` (if it exists) with `status`, its tags and, for a failure, the error."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    found = exp and client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
+                                       max_results=1)
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    if error:
+        lines = [ln for ln in error.strip().splitlines() if ln.strip()]
+        client.set_tag(run_id, "vis4mer.error", (lines[-1] if lines else error)[:500])
+        client.log_text(run_id, error, "error.txt")
+    client.set_terminated(run_id, status=status)
+    return run_id

@@ -63,20 +63,43 @@ def prepare(cfg: Config) -> tuple[FeatureDataset, object]:
     return ds, mcfg
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, log_to_driver: bool = True) -> bool:
+    """Joins `address` (or RAY_ADDRESS), or starts a local Ray; True when it started a local one.
+
+    Sweeps pass log_to_driver=False: their driver prints one progress line per change, and the
+    trials' worker logs stay in Ray's session logs (errors reach the summary and MLflow)."""
     import ray
     from ray.data import DataContext
 
+    started_local = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
             # more logical CPUs than cores: Train workers must not starve Ray Data's read tasks
-            ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+            ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=log_to_driver)
+            started_local = True
     ctx = DataContext.get_current()  # progress is ours to show: one line per epoch
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    return started_local
+
+
+def check_gpus(cfg: Config, started_local: bool) -> None:
+    """Refuses GPU workers that cannot come: a local Ray (started here, or every node on loopback)
+    has all the GPUs it will ever have. A real cluster may still be scaling GPU nodes up from 0
+    (KubeRay, `ray up`): there Ray Train waits for them."""
+    import ray
+
+    if not cfg.scaling.use_gpu:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    loopback = ("127.0.0.1", "localhost")
+    local = started_local or all(n["NodeManagerAddress"] in loopback for n in ray.nodes() if n["Alive"])
+    if local and gpus < cfg.scaling.num_workers:
+        raise ConfigError(f"scaling.use_gpu=true with {cfg.scaling.num_workers} worker(s): the cluster has "
+                          f"{int(gpus)} GPU(s)")
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
@@ -93,10 +116,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     run_res = filesystems(cfg.run.storage_path, storage_options(cfg.run.storage))
     best_uri = run_res.uri(name, "best")
 
-    init_ray(address)
-    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.scaling.num_workers:
-        raise ConfigError(f"scaling.use_gpu=true with {cfg.scaling.num_workers} worker(s): the cluster has "
-                          f"{int(ray.cluster_resources().get('GPU', 0))} GPU(s)")
+    check_gpus(cfg, init_ray(address))
 
     run_id = None
     if cfg.tracking.enabled:

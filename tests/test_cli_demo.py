@@ -24,7 +24,7 @@ def test_temporal_order_is_deterministic_and_balanced():
 
 
 def test_demo_learns_the_long_range_task():
-    out = subprocess.run(VIS4MER + ["demo", "--epochs", "15"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(VIS4MER + ["demo", "--model-only", "--epochs", "15"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     acc = {line.split("val accuracy")[0].strip(): float(line.split("val accuracy")[1].split("%")[0])
            for line in out.stdout.splitlines() if "val accuracy" in line}
@@ -40,7 +40,7 @@ def test_models_lists_every_variant():
 
 
 def test_bad_argument_is_one_line_exit_2():
-    out = subprocess.run(VIS4MER + ["demo", "--epochs", "zero"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(VIS4MER + ["demo", "--model-only", "--epochs", "zero"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "--epochs" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -3,15 +3,22 @@ MLflow gets one parent run and one child run per trial."""
 from __future__ import annotations
 
 import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, load_config
 from orchestrator.sweep import discrete_overrides, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+VIS4MER = [sys.executable, "-m", "orchestrator.cli"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "sweeps" / "*.yaml"))))
@@ -30,7 +37,10 @@ def test_demo_sweep_covers_state_size_pooling_and_depth():
     spec = load_sweep(str(ROOT / "sweeps" / "demo.yaml"))
     keys = {o.split("=")[0] for combo in discrete_overrides(spec) for o in combo}
     assert {"model.d_state", "model.n_layers", "model.pool"} <= keys
-    assert len(discrete_overrides(spec)) * 1 >= 2 and spec.budget["num_samples"] * 2 >= 8  # >= 8 trials
+    from orchestrator.sweep import trial_count
+
+    assert trial_count(spec) >= 8 and spec.scheduler["kind"] == "asha"
+    assert any("model.n_layers=0" in combo for combo in discrete_overrides(spec))  # the mean-pooled baseline
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -52,44 +62,130 @@ def test_bad_sweeps_are_refused(tmp_path, mutate, match):
         load_sweep(str(p))
 
 
-@pytest.mark.ray
-def test_asha_stops_a_trial_and_later_trials_run(synthetic_dataset, tmp_path, ray_session):
+SHAPES = {"lvu": "lvu_relationship", "breakfast": "breakfast", "coin": "coin"}
+
+
+@pytest.mark.parametrize("path", [p for p in sorted(glob.glob(str(ROOT / "sweeps" / "*.yaml")))
+                                  if Path(p).stem.split("_")[0] in SHAPES])
+def test_shipped_benchmark_sweeps_fit_their_task(path):
+    """Every trial of the LVU / Breakfast / COIN sweeps builds a valid model at the task's length."""
+    from datasets.tasks import get_task
+    from orchestrator.train_loop import model_config
+
+    spec = load_sweep(path)
+    name = Path(path).stem
+    task = get_task(name if name in ("breakfast", "coin") else name)
+    base = load_config(spec.base)
+    assert base.optim.lr == 1e-3 and base.optim.weight_decay == 0.01 and base.model.dropout == 0.2
+    assert base.train.seed == 1112 and base.data.batch_size == 16  # the released recipe
+    for overrides in discrete_overrides(spec):
+        model_config(load_config(spec.base, spec.base_overrides(overrides)), task).validate()
+    assert {"model.d_state", "model.n_layers", "model.pool", "train.seed"} <= {
+        o.split("=")[0] for combo in discrete_overrides(spec) for o in combo}
+
+
+def _children(uri: str, experiment: str):
     import mlflow
 
-    from orchestrator.sweep import run_sweep
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return client, [r for r in runs if "mlflow.parentRunId" in r.data.tags], runs
 
+
+@pytest.mark.ray
+def test_sweep_lifecycle_asha_kill_resume_best_report(synthetic_dataset, tmp_path, ray_session):
+    """One 4-trial ASHA sweep, driven by `vis4mer sweep` in its own process on the session's Ray:
+    the driver is killed once two trials have ended, `--resume` completes the sweep without rerunning
+    them and without duplicate child runs; ASHA stopped a trial and a later one still ran; progress
+    lines count stopped trials; `best` and `report` read MLflow."""
+    import ray
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     d = {"name": "asha", "base": str(ROOT / "sweeps" / "train_synthetic.yaml"),
          "overrides": {"data.uri": synthetic_dataset, "run.storage_path": str(tmp_path / "runs"),
-                       "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "tracking.experiment": "asha",
+                       "tracking.tracking_uri": uri, "tracking.experiment": "asha",
                        "model.d_model": 16, "model.n_layers": 2, "model.d_state": 8, "data.batch_size": 4,
                        "train.epochs": 4, "schedule.kind": "constant", "train.checkpoint_every": 1},
-         "search_space": {"optim.lr": {"grid": [3e-2, 1e-7, 1e-7, 3e-2]}},
+         "search_space": {"optim.lr": {"grid": [3e-2, 5.0, 5.0, 3e-2]}},  # 5.0: a loss that blows up
          "metric": "train_loss",
          "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2},
          "budget": {"num_samples": 1, "max_concurrent_trials": 1}}
     p = tmp_path / "asha.yaml"
     p.write_text(yaml.safe_dump(d))
-    grid, parent = run_sweep(load_sweep(str(p)), progress=False)
-    iters = [r.metrics["training_iteration"] for r in grid]
-    assert len(iters) == 4 and not any(r.error for r in grid)
-    assert min(iters) < 4 and max(iters) == 4  # ASHA stopped one; the trial after it still ran
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
-    assert len(children) == 4 and len(runs) == 5
+    gcs = ray.get_runtime_context().gcs_address
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(VIS4MER + ["sweep", str(p), "--address", gcs], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            if len(_children(uri, "asha")[1]) >= 3:  # trials run one at a time: two have ended
+                break
+            time.sleep(1)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(4)  # past Tune's state-save period (2 s): the two ended trials are on record
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    client, before, _ = _children(uri, "asha")
+    ended = {r.info.run_id: [(m.step, m.timestamp) for m in client.get_metric_history(r.info.run_id, "train_loss")]
+             for r in before if r.info.status != "RUNNING" or r.data.tags.get("vis4mer.stopped_early")}
+    assert len(ended) >= 2, [(r.info.status, r.data.tags.get("vis4mer.stopped_early")) for r in before]
+
+    out = subprocess.run(VIS4MER + ["sweep", "--resume", "asha", "--resume-file", str(p), "--address", gcs],
+                         capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client, children, runs = _children(uri, "asha")
+    assert len(children) == 4 and len(runs) == 5  # no duplicate child runs
     assert len({r.data.tags["vis4mer.trial_id"] for r in children}) == 4
+    epochs = {}
+    for r in children:
+        hist = [(m.step, m.timestamp) for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        assert len({s for s, _ in hist}) == len(hist), "an epoch was logged twice"
+        if r.info.run_id in ended:
+            assert hist == ended[r.info.run_id], "a trial that had ended ran again"
+        assert r.info.status == "FINISHED", (r.data.tags.get("vis4mer.trial_id"), r.info.status, len(hist),
+                                             r.data.tags.get("vis4mer.stopped_early"), r.data.tags.get("vis4mer.error"))
+        epochs[r.info.run_id] = (r.info.start_time, len(hist), r.data.tags.get("vis4mer.stopped_early"))
+    order = sorted(epochs.values())
+    assert any(n < 4 and stopped == "true" for _, n, stopped in order)  # ASHA stopped one ...
+    first_stop = next(i for i, (_, n, _) in enumerate(order) if n < 4)
+    assert any(n == 4 for _, n, _ in order[first_stop + 1:])  # ... and a later trial still ran to the end
+    progress = [ln for ln in out.stdout.splitlines() if ln.startswith("[asha ")]
+    assert progress and re.search(r"0 running, \d finished, [1-9] stopped, 0 errored, 0 pending", progress[-1])
+    assert "best trials by train_loss (min)" in out.stdout and "plot: " in out.stdout
 
     # vis4mer best: MLflow only; the trial with the lowest train_loss, its config as a training YAML
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "best", "--sweep", "asha", "--experiment", "asha",
-                          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--top", "4", "--out", str(tmp_path / "best.yaml")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(VIS4MER + ["best", "--sweep", "asha", "--tracking-uri", uri, "--top", "4",
+                                    "--out", str(tmp_path / "best.yaml")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     losses = {r.data.tags["vis4mer.trial_id"]: r.data.metrics["train_loss"] for r in children}
     best_id = min(losses, key=losses.get)
-    table = [l for l in out.stdout.splitlines() if l.strip().startswith("1 ")]
+    table = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("1 ")]
     assert table and best_id in table[0]
-    from orchestrator.config import load_config
-    best_cfg = load_config(str(tmp_path / "best.yaml"))
-    assert best_cfg.optim.lr == pytest.approx(next(r for r in grid if r.metrics["trial_id"] == best_id).config["optim.lr"])
+    best_run = next(r for r in children if r.data.tags["vis4mer.trial_id"] == best_id)
+    assert load_config(str(tmp_path / "best.yaml")).optim.lr == pytest.approx(float(best_run.data.params["optim.lr"]))
+
+    # vis4mer report: two PNGs, saved locally and logged to the parent run
+    out = subprocess.run(VIS4MER + ["report", "asha", "--tracking-uri", uri, "--out", str(tmp_path / "plots")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    import matplotlib.image
+
+    for name in ("asha_final_metric.png", "asha_learning_curves.png"):
+        img = matplotlib.image.imread(tmp_path / "plots" / name)
+        assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01  # a drawn figure, not blank
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    logged = {os.path.basename(a.path) for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"asha_final_metric.png", "asha_learning_curves.png", "trials.json"} <= logged
+
+
+def test_report_of_an_unknown_sweep_is_one_line_exit_2(tmp_path):
+    out = subprocess.run(VIS4MER + ["report", "nosuch", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "nosuch" in out.stderr
