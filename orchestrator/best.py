@@ -7,6 +7,7 @@ config (its `config.yaml` artifact) as a ready-to-run training YAML.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from orchestrator.config import ConfigError
@@ -19,6 +20,14 @@ class TrialRow:
     value: float
     params: dict
     status: str
+
+
+def check_store(tracking_uri: str) -> None:
+    """Reading never creates: a sqlite store that does not exist is an error, not a new empty file."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):]
+        if not os.path.exists(path):
+            raise ConfigError(f"--tracking-uri {tracking_uri}: no MLflow store there (no such file {path})")
 
 
 def experiment_ids(client, tracking_uri: str, experiment: str | None) -> list[str]:
@@ -38,6 +47,7 @@ def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, me
                 top: int = 5) -> tuple[str, str, list[TrialRow]]:
     from mlflow.tracking import MlflowClient
 
+    check_store(tracking_uri)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
     filt = f"tags.`vis4mer.sweep` = '{sweep}'" if sweep else "tags.`vis4mer.trial_id` != ''"

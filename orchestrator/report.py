@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from orchestrator.best import experiment_ids
+from orchestrator.best import check_store, experiment_ids
 from orchestrator.config import ConfigError
 
 
@@ -47,6 +47,7 @@ def sweep_runs(tracking_uri: str, experiment: str | None, sweep: str):
     """(parent run, child runs, metric) of a sweep."""
     from mlflow.tracking import MlflowClient
 
+    check_store(tracking_uri)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
     parents = client.search_runs(exp_ids, filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'", max_results=1)

@@ -12,7 +12,7 @@ A sweep YAML (sweeps/*.yaml, the launch command in its first line):
         choice: [{n_layers: 0}, {n_layers: 2, pool: [2, 2]}]
     scheduler: {kind: asha, grace_period: 2, reduction_factor: 2}   # or {kind: fifo}
     metric: val_top1                       # default: the dataset task's (val_top1 / val_mse)
-    budget: {num_samples: 1, max_concurrent_trials: null}
+    budget: {num_samples: 1, max_concurrent_trials: null, max_failures: 0}
 
 Each trial is a driver function that launches a TorchTrainer and reports back through
 `TuneReportCallback` (how Tune and Train V2 fit together). Trials have stable names
@@ -35,6 +35,9 @@ from orchestrator.config import Config, ConfigError, load_config
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_TAG = "vis4mer.sweep"
 DATA_CPUS_PER_TRIAL = 1
+# max_failures: how often Tune restarts a trial whose driver died (a lost node); the restarted trial
+# resumes its Train run from the last checkpoint under its stable name
+BUDGET_KEYS = {"num_samples", "max_concurrent_trials", "max_failures"}
 
 
 @dataclass
@@ -117,8 +120,10 @@ def validate_sweep(spec: SweepSpec) -> None:
     if unknown:
         raise ConfigError(f"{where}: scheduler: unknown key {sorted(unknown)[0]!r}")
     b = spec.budget
-    if set(b) - {"num_samples", "max_concurrent_trials"}:
-        raise ConfigError(f"{where}: budget: unknown key {sorted(set(b) - {'num_samples', 'max_concurrent_trials'})[0]!r}")
+    if set(b) - BUDGET_KEYS:
+        raise ConfigError(f"{where}: budget: unknown key {sorted(set(b) - BUDGET_KEYS)[0]!r}")
+    if not isinstance(b.get("max_failures", 0), int) or b.get("max_failures", 0) < 0:
+        raise ConfigError(f"{where}: budget.max_failures={b['max_failures']!r}: expected an integer >= 0")
     if not isinstance(b["num_samples"], int) or b["num_samples"] < 1:
         raise ConfigError(f"{where}: budget.num_samples={b['num_samples']!r}: expected an integer >= 1")
     mct = b["max_concurrent_trials"]
@@ -260,7 +265,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     if progress:
         callbacks.append(SweepProgress(spec.name, metric, mode, epochs, total=trial_count(spec)))
     run_config = tune.RunConfig(name=spec.name, storage_path=res.path, storage_filesystem=fs, verbose=0,
-                                callbacks=callbacks)
+                                callbacks=callbacks,
+                                failure_config=tune.FailureConfig(max_failures=spec.budget.get("max_failures", 0)))
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # next to nothing: see concurrency()
     path = res.join(spec.name)
     if resume:

@@ -106,7 +106,8 @@ def test_sweep_lifecycle_asha_kill_resume_best_report(synthetic_dataset, tmp_pat
          "overrides": {"data.uri": synthetic_dataset, "run.storage_path": str(tmp_path / "runs"),
                        "tracking.tracking_uri": uri, "tracking.experiment": "asha",
                        "model.d_model": 16, "model.n_layers": 2, "model.d_state": 8, "data.batch_size": 4,
-                       "train.epochs": 4, "schedule.kind": "constant", "train.checkpoint_every": 1},
+                       "train.epochs": 4, "schedule.kind": "constant", "train.checkpoint_every": 1,
+                       "data.cache": True},
          "search_space": {"optim.lr": {"grid": [3e-2, 5.0, 5.0, 3e-2]}},  # 5.0: a loss that blows up
          "metric": "train_loss",
          "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2},
@@ -184,8 +185,15 @@ def test_sweep_lifecycle_asha_kill_resume_best_report(synthetic_dataset, tmp_pat
     assert {"asha_final_metric.png", "asha_learning_curves.png", "trials.json"} <= logged
 
 
-def test_report_of_an_unknown_sweep_is_one_line_exit_2(tmp_path):
-    out = subprocess.run(VIS4MER + ["report", "nosuch", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "nosuch" in out.stderr
+def test_report_and_best_refuse_unknown_sweeps_and_stores_in_one_line(tmp_path):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    mlflow.tracking.MlflowClient(store).search_experiments()  # an existing, empty store
+    for args, match in ((["report", "nosuch", "--tracking-uri", store], "sweep 'nosuch': no parent run"),
+                        (["best", "--sweep", "nosuch", "--tracking-uri", store], "no sweep trials of 'nosuch'"),
+                        (["report", "x", "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"], "no MLflow store there")):
+        out = subprocess.run(VIS4MER + args, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and match in out.stderr, out.stderr
+    assert not (tmp_path / "absent.db").exists()  # reading never creates a store
