@@ -83,6 +83,9 @@ def _aws_credentials(opts: StorageOptions) -> dict:
     return {}
 
 
+S3_MAX_ATTEMPTS = 8
+
+
 def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
     opts = options or StorageOptions()
     scheme, path = split_uri(uri)
@@ -94,9 +97,16 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
         endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         creds = _aws_credentials(opts)
+        # An endpoint that drops out for seconds (a restart, a network blip) must not end a run: both
+        # clients retry connection errors and 5xx with exponential backoff (pyarrow: 25 ms doubling,
+        # ~6 s over 8 attempts; botocore standard mode: jittered, capped at 20 s). Auth and
+        # not-found errors are not retried.
         pa_kwargs = dict(region=region, anonymous=opts.anonymous, force_virtual_addressing=False,
-                         connect_timeout=10, request_timeout=60)
-        s3_kwargs: dict = dict(anon=opts.anonymous, client_kwargs={"region_name": region})
+                         connect_timeout=5, request_timeout=60,
+                         retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
+        s3_kwargs: dict = dict(anon=opts.anonymous, client_kwargs={"region_name": region},
+                               config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                                              "connect_timeout": 5})
         if endpoint:
             u = urlparse(endpoint)
             if u.scheme not in ("http", "https") or not u.netloc:
@@ -104,7 +114,7 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
             pa_kwargs.update(endpoint_override=u.netloc, scheme=u.scheme)
             s3_kwargs["endpoint_url"] = endpoint
         if opts.path_style or endpoint:
-            s3_kwargs["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+            s3_kwargs["config_kwargs"]["s3"] = {"addressing_style": "path"}
         if creds:
             pa_kwargs.update(access_key=creds["key"], secret_key=creds["secret"], session_token=creds["token"])
             s3_kwargs.update(key=creds["key"], secret=creds["secret"], token=creds["token"])

@@ -85,6 +85,7 @@ class TrainCfg:
     keep_last: int = 2
     bf16: bool = True  # autocast on GPU only
     max_failures: int = 0
+    fail_at_epoch: Optional[int] = None  # fault injection for reliability tests: raise when this epoch starts
 
 
 @dataclass

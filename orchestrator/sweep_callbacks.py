@@ -9,6 +9,7 @@ their last epoch; "finished" ran all of them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -108,5 +109,14 @@ class TrialRunCloser(Callback):
         self._close(trial, "FINISHED", {"vis4mer.stopped_early": str(epochs < self.max_epochs).lower()})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        err = trial.get_error()
-        self._close(trial, "FAILED", {}, str(err) if err else "the trial failed without an error text")
+        text = None
+        try:  # Tune has just written it in the trial's local folder; the storage copy syncs later
+            if trial.error_file and os.path.exists(trial.error_file):
+                with open(trial.error_file) as f:
+                    text = f.read()
+            else:
+                err = trial.get_error()
+                text = str(err) if err else None
+        except OSError:
+            pass
+        self._close(trial, "FAILED", {}, text or "the trial failed without an error text")

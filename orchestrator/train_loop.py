@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import resource
 import tempfile
 import time
@@ -68,20 +69,34 @@ class MlflowEpochLogger:
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
+        # MLflow's own HTTP retries (7, doubling from 2 s) would stall training for minutes while
+        # the server is down: retry briefly, then keep the metrics for the next epoch instead
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client, self.run_id, self.pending = MlflowClient(tracking_uri), run_id, []
+        try:  # a restarted worker may redo an epoch it had logged before its last checkpoint: log it once
+            self.logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
+        except Exception:  # noqa: BLE001 - tracking must never stop training
+            self.logged = set()
 
     def log(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        if step in self.logged:
+            return
+        self.logged.add(step)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))
                          and math.isfinite(float(v))]
         try:
             self.client.log_batch(self.run_id, metrics=self.pending)
             self.pending = []
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            warnings.warn(f"MLflow logging failed ({type(e).__name__}); {len(self.pending)} metrics kept for "
-                          "the next epoch", stacklevel=1)
+            msg = (f"warning: MLflow logging failed ({type(e).__name__}); {len(self.pending)} metrics kept "
+                   "for the next epoch")
+            warnings.warn(msg, stacklevel=1)
+            print(msg, file=sys.stderr, flush=True)
 
 
 def _all_reduce_mean(values: list[float], world: int) -> list[float]:
@@ -172,6 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
     micro = cfg.data.batch_size // (world * cfg.optim.grad_accum)
 
     for epoch in range(start, cfg.train.epochs):
+        if cfg.train.fail_at_epoch == epoch:  # fault injection (reliability tests): a trial that raises
+            raise RuntimeError(f"fault injected by train.fail_at_epoch={epoch}")
         model.train()
         t0 = time.perf_counter()
         wait, steps, loss_sum, correct, clips = 0.0, 0, 0.0, 0, 0
@@ -225,6 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
 
         if logger:
+            metrics["tracking_backlog"] = len(logger.pending)  # > 0: the tracking server was unreachable
             logger.log(metrics, step=epoch)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None

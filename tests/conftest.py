@@ -119,29 +119,112 @@ def ray_session():
     ray.shutdown()
 
 
+class MlflowServer:
+    """A real `mlflow server` (sqlite backend) on 127.0.0.1, in its own process group; restartable on
+    the same port and store (to take the tracking server away for a while)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                                      "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--workers", "1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        wait_http(self.uri + "/health", 60, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its workers
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(15)
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend) on 127.0.0.1, stopped by PID."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
     try:
-        wait_http(uri + "/health", 60, proc)
-        yield uri
+        yield server.uri
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn worker
+        server.stop()
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a server: `down()` refuses and drops every connection, as an
+    endpoint that has gone away; `up()` serves again. The server behind it keeps its state."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target, self.port = target_port, free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.lock, self.conns, self.listener = threading.Lock(), set(), None
+
+    def up(self) -> None:
+        import threading
+
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self.listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    def down(self) -> None:
+        ls, self.listener = self.listener, None
+        if ls is not None:
+            ls.close()
+        with self.lock:
+            conns, self.conns = list(self.conns), set()
+        for c in conns:
             try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(15)
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self, ls) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            src.close()  # every socket is the source of exactly one pump
+            with self.lock:
+                self.conns.discard(src)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,188 @@
+"""Faults, bounded and loopback only: a Train worker killed mid-epoch, the S3 endpoint and the MLflow
+server gone for seconds during training, a trial that raises. (A killed sweep driver is in
+tests/test_sweep.py::test_sweep_lifecycle_asha_kill_resume_best_report.) docs/reliability.md maps
+each guarantee to its test."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import load_config
+from tests.conftest import MlflowServer, TcpProxy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(uri: str, tmp_path, *extra: str) -> list[str]:
+    return [f"data.uri={uri}", f"run.storage_path={tmp_path}/runs", "model.d_model=16", "model.n_layers=2",
+            "model.d_state=8", "model.dropout=0.0", "data.batch_size=4", "data.eval_batch_size=16",
+            "train.seed=3", "schedule.kind=constant", "optim.lr=0.01", "data.shuffle_files=false",
+            "train.checkpoint_every=1", *extra]
+
+
+def _metric_steps(client, run_id: str, key: str = "train_loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+@pytest.mark.ray
+def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(synthetic_dataset, tmp_path, ray_session):
+    """SIGKILL the Train worker during epoch 3 of 5: Train restarts it from the epoch-2 checkpoint
+    (train.max_failures=1); seeded, the run ends with the metrics of an uninterrupted run, in one MLflow
+    run with every epoch logged once."""
+    import mlflow
+
+    from orchestrator.trainer import run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = tiny(synthetic_dataset, tmp_path, "train.epochs=5", "tracking.enabled=true",
+                  f"tracking.tracking_uri={uri}", "tracking.experiment=kill", "train.max_failures=1")
+    clean = run_training(load_config(None, [*common, "run.name=clean"]))
+
+    client = mlflow.tracking.MlflowClient(uri)
+    killed = {}
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "pid" not in killed:
+            runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id],
+                                      filter_string="tags.`vis4mer.run_name` = 'killed'")
+            if runs and len(_metric_steps(client, runs[0].info.run_id)) >= 2:  # epochs 0 and 1 done
+                time.sleep(0.3)  # into epoch 2
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed["pid"] = pids[0]
+                    killed["steps"] = _metric_steps(client, runs[0].info.run_id)
+                    return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    out = run_training(load_config(None, [*common, "run.name=killed"]))
+    t.join(10)
+    assert "pid" in killed, "the worker was never killed"
+    assert killed["steps"][-1] < 4, "killed too late to matter"
+    for key in ("train_loss", "val_top1", "val_loss", "epoch"):
+        assert out.metrics[key] == pytest.approx(clean.metrics[key], rel=1e-5, abs=1e-6), key
+    runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id],
+                              filter_string="tags.`vis4mer.run_name` = 'killed'")
+    assert len(runs) == 1 and runs[0].info.run_id == out.run_id and runs[0].info.status == "FINISHED"
+    assert _metric_steps(client, out.run_id) == [0, 1, 2, 3, 4]  # no epoch lost, none logged twice
+
+
+@pytest.mark.ray
+def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, tmp_path, ray_session,
+                                                             s3_server, s3_bucket):
+    """Data and checkpoints on S3 behind a proxy taken down for 4 s mid-run (reads and checkpoint
+    writes retry with backoff), then the MLflow server stopped for several seconds: training goes on,
+    the metrics logged meanwhile arrive once it is back, each epoch once."""
+    import mlflow
+
+    from orchestrator.trainer import run_training
+
+    bucket, fs = s3_bucket
+    fs.put(synthetic_dataset + "/", f"{bucket}/data/", recursive=True)
+    proxy = TcpProxy(s3_server.port)
+    proxy.up()
+    (tmp_path / "mlflow").mkdir()
+    tracking = MlflowServer(tmp_path / "mlflow")
+    tracking.start()
+    events: list[str] = []
+    client = mlflow.tracking.MlflowClient(tracking.uri)
+
+    def steps() -> list[int]:
+        try:
+            exp = client.get_experiment_by_name("outage")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return _metric_steps(client, runs[0].info.run_id) if runs else []
+        except Exception:  # the server is down: nothing to see
+            return []
+
+    def chaos():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(steps()) < 1:
+            time.sleep(0.2)
+        proxy.down()
+        events.append("s3 down")
+        time.sleep(4)
+        proxy.up()
+        events.append("s3 up")
+        seen = len(steps())
+        while time.monotonic() < deadline and len(steps()) <= seen:
+            time.sleep(0.2)
+        tracking.stop()
+        events.append("mlflow down")
+        time.sleep(4)
+        tracking.start()
+        events.append("mlflow up")
+
+    t = threading.Thread(target=chaos, daemon=True)
+    try:
+        args = tiny(f"s3://{bucket}/data", tmp_path, "train.epochs=12", f"data.storage.endpoint_url={proxy.endpoint}",
+                    f"run.storage_path=s3://{bucket}/runs", f"run.storage.endpoint_url={proxy.endpoint}",
+                    "tracking.enabled=true", f"tracking.tracking_uri={tracking.uri}", "tracking.experiment=outage",
+                    "run.name=outage")
+        t.start()
+        out = run_training(load_config(None, args))
+        t.join(120)
+        assert events == ["s3 down", "s3 up", "mlflow down", "mlflow up"], events
+        assert out.metrics["epoch"] == 11
+        backlog = [m.value for m in client.get_metric_history(out.run_id, "tracking_backlog")]
+        assert max(backlog) > 0, "no epoch ended while MLflow was down: the outage missed training"
+        assert _metric_steps(client, out.run_id) == list(range(12))  # the backlog arrived, each epoch once
+        assert client.get_run(out.run_id).info.status == "FINISHED"
+        assert fs.ls(f"{bucket}/runs/outage")  # checkpoints kept going to S3
+    finally:
+        proxy.down()
+        t.join(120)
+        tracking.stop()
+
+
+@pytest.mark.ray
+def test_a_trial_that_raises_is_recorded_and_the_sweep_goes_on(synthetic_dataset, tmp_path, ray_session):
+    import mlflow
+
+    from orchestrator.sweep import load_sweep, run_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    d = {"name": "raises", "base": str(ROOT / "sweeps" / "train_synthetic.yaml"),
+         "overrides": {"data.uri": synthetic_dataset, "run.storage_path": str(tmp_path / "runs"), "data.cache": True,
+                       "tracking.tracking_uri": uri, "tracking.experiment": "raises", "model.d_model": 16,
+                       "model.d_state": 8, "data.batch_size": 4, "train.epochs": 3, "schedule.kind": "constant"},
+         "search_space": {"train.fail_at_epoch": {"grid": [None, 1]}},
+         "scheduler": {"kind": "fifo"}, "budget": {"num_samples": 1, "max_concurrent_trials": 2}}
+    p = tmp_path / "raises.yaml"
+    p.write_text(yaml.safe_dump(d))
+    grid, parent = run_sweep(load_sweep(str(p)), progress=False)
+    assert len(grid) == 2 and sum(1 for r in grid if r.error) == 1
+    ok = next(r for r in grid if not r.error)
+    assert ok.metrics["training_iteration"] == 3  # the other trial went on to the end
+    client = mlflow.tracking.MlflowClient(uri)
+    children = {r.data.tags["vis4mer.trial_id"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("raises").experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    failed = [r for r in children.values() if r.info.status == "FAILED"]
+    assert len(children) == 2 and len(failed) == 1
+    assert "fault injected by train.fail_at_epoch=1" in failed[0].data.tags["vis4mer.error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(failed[0].info.run_id)}
+    assert _metric_steps(client, failed[0].info.run_id) == [0]  # what it did before failing is kept
+
+
+def test_checkpoints_load_with_weights_only():
+    """Checkpoint loading never unpickles arbitrary objects."""
+    sources = [Path(p).read_text() for p in glob.glob(str(ROOT / "orchestrator" / "*.py"))
+               + glob.glob(str(ROOT / "datasets" / "*.py")) + glob.glob(str(ROOT / "model" / "*.py"))]
+    loads = [line for src in sources for line in src.splitlines() if "torch.load(" in line]
+    assert loads and all("weights_only=True" in line for line in loads)
