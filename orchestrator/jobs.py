@@ -110,7 +110,8 @@ def build_submission(config_path: str, overrides: list[str], working_dir: str | 
     env = {}
     for name in env_names or []:
         if not _ENV_NAME.match(name):
-            raise ConfigError(f"--env {name!r}: expected an environment variable name (its value is taken "
+            shown = name.split("=", 1)[0] + ("=<hidden>" if "=" in name else "")  # never echo a value
+            raise ConfigError(f"--env {shown!r}: expected an environment variable name (its value is taken "
                               "from this environment, never given on the command line)")
         if name not in os.environ:
             raise ConfigError(f"--env {name}: not set in this environment")

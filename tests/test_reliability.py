@@ -186,3 +186,15 @@ def test_checkpoints_load_with_weights_only():
                + glob.glob(str(ROOT / "datasets" / "*.py")) + glob.glob(str(ROOT / "model" / "*.py"))]
     loads = [line for src in sources for line in src.splitlines() if "torch.load(" in line]
     assert loads and all("weights_only=True" in line for line in loads)
+
+
+def test_secret_named_values_are_redacted_in_flattened_params():
+    """Configs hold no credentials (they come from the environment), and any value under a key that
+    names a secret is redacted before it reaches MLflow params or a printed config."""
+    from orchestrator.config import flatten
+
+    flat = flatten({"tracking": {"api_key": "k1", "uri": "http://x"}, "storage": {"secret_access_key": "k2",
+                    "session_token": "k3", "password": "k4", "region": "eu"}})
+    assert flat["tracking.api_key"] == flat["storage.secret_access_key"] == flat["storage.password"] == "***"
+    assert flat["storage.session_token"] == "***"
+    assert flat["tracking.uri"] == "http://x" and flat["storage.region"] == "eu"
