@@ -23,7 +23,7 @@ demo: install
 	$(VENV)/bin/vis4mer demo
 
 test: install
-	timeout 1200 $(PY) -m pytest -q
+	timeout 2700 $(PY) -m pytest -q --durations=15
 
 bench: install
 	$(PY) benchmarks/model_efficiency.py
