@@ -64,6 +64,8 @@ def _cmd_sweep(args) -> int:
         if args.sweep is None:
             raise UserError("expected SWEEP.yaml (or --resume NAME)")
         spec = load_sweep(args.sweep, args.overrides)
+    if args.max_concurrent_trials:
+        spec.budget["max_concurrent_trials"] = args.max_concurrent_trials
     grid, parent = run_sweep(spec, resume=args.resume, address=args.address)
     ok = [r for r in grid if r.metrics]
     print(f"sweep {spec.name}: {len(grid)} trials, {len(ok)} reported, {sum(1 for r in grid if r.error)} errored")
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep without rerunning finished trials")
     w.add_argument("--resume-file", help="with --resume: the sweep YAML (default sweeps/NAME.yaml)")
     w.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    w.add_argument("--max-concurrent-trials", type=_positive_int,
+                   help="override budget.max_concurrent_trials (e.g. for a cluster that scales up from 0 nodes)")
     w.set_defaults(func=_cmd_sweep)
     b = sub.add_parser("best", help="best trials of a sweep, from MLflow only; writes the best config as a training YAML")
     b.add_argument("--sweep", help="sweep name (default: every sweep in the experiment)")

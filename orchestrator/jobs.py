@@ -71,7 +71,7 @@ class Submission:
 
 def build_submission(config_path: str, overrides: list[str], working_dir: str | None = None,
                      env_names: list[str] | None = None, pip: list[str] | None = None,
-                     submission_id: str | None = None) -> Submission:
+                     submission_id: str | None = None, max_concurrent_trials: int | None = None) -> Submission:
     """Checks what is asked (the YAML, the overrides, the env names, the upload size) and builds the
     job; nothing is sent. A sweep YAML (it has `search_space`) runs `vis4mer sweep`, any other YAML
     `vis4mer train`."""
@@ -128,7 +128,12 @@ def build_submission(config_path: str, overrides: list[str], working_dir: str | 
         runtime_env["env_vars"] = env
     if pip:
         runtime_env["pip"] = list(pip)
-    words = ["python", "-m", "orchestrator.cli", kind, rel.as_posix(), *overrides]
+    flags = []
+    if max_concurrent_trials:
+        if kind != "sweep":
+            raise ConfigError(f"--max-concurrent-trials: {config_path} is a training config, not a sweep")
+        flags = ["--max-concurrent-trials", str(max_concurrent_trials)]
+    words = ["python", "-m", "orchestrator.cli", kind, *flags, rel.as_posix(), *overrides]
     return Submission(entrypoint=shlex.join(words), runtime_env=runtime_env,
                       metadata={"vis4mer.kind": kind, "vis4mer.config": rel.as_posix()},
                       submission_id=submission_id)

@@ -28,7 +28,7 @@ def _cmd_submit(a) -> int:
     from orchestrator import jobs
 
     sub = jobs.build_submission(a.config, a.overrides, working_dir=a.working_dir, env_names=a.env, pip=a.pip,
-                                submission_id=a.submission_id)
+                                submission_id=a.submission_id, max_concurrent_trials=a.max_concurrent_trials)
     job_id = _sdk_call(lambda: jobs.submit(sub, a.address))
     print(f"submitted job {job_id}: {sub.entrypoint}")
     print(f"runtime env: {json.dumps(jobs.redacted_runtime_env(sub.runtime_env), sort_keys=True)}")
@@ -109,6 +109,8 @@ def register(sub, positive_int) -> None:
     s.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement for the job (repeat)")
     s.add_argument("--working-dir", help="folder shipped as the job's working_dir (default: the project)")
     s.add_argument("--submission-id", help="a stable id (default: Ray's)")
+    s.add_argument("--max-concurrent-trials", type=positive_int,
+                   help="a sweep's concurrency on a cluster still scaling up (Tune only sees the nodes that are up)")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
     s.set_defaults(func=_cmd_submit)
 

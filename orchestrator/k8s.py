@@ -102,11 +102,9 @@ def plan_resources(spec: SweepSpec, cfg: Config, workers: int, gpus_per_worker: 
         raise ConfigError(f"--cpus-per-worker={pod_cpus}: a Train worker needs scaling.cpus_per_worker="
                           f"{sc.cpus_per_worker:g} CPUs on one pod, plus {DATA_CPUS} for its trial's data reads")
     trial_gpus = sc.num_workers if sc.use_gpu else 0
-    if sc.use_gpu and sc.num_workers > gpus_per_worker:
-        raise ConfigError(f"scaling.num_workers={sc.num_workers} GPU workers per trial but --gpus-per-worker="
-                          f"{gpus_per_worker}: the trainer checks for a trial's GPUs before asking for them, and a "
-                          "cluster that scales from zero holds only the pod its trial driver started; "
-                          f"use --gpus-per-worker >= {sc.num_workers}")
+    if sc.use_gpu and sc.num_workers > workers * gpus_per_worker:
+        raise ConfigError(f"scaling.num_workers={sc.num_workers} GPU workers per trial but --workers {workers} x "
+                          f"--gpus-per-worker {gpus_per_worker} GPUs in all: the trial could never start")
     trial_cpus = sc.num_workers * sc.cpus_per_worker + DATA_CPUS
     fits = [int(workers * (pod_cpus - DRIVER_CPUS) // trial_cpus)]
     if trial_gpus:
@@ -119,9 +117,8 @@ def plan_resources(spec: SweepSpec, cfg: Config, workers: int, gpus_per_worker: 
     if not sc.use_gpu:
         notes.append("the sweep's base config has scaling.use_gpu=false: its trials will not use the GPUs")
     if spec.budget.get("max_concurrent_trials") is None:
-        notes.append("budget.max_concurrent_trials is null: `vis4mer sweep` sizes its concurrency from the CPUs and "
-                     "GPUs present when it starts, and this cluster starts with no worker pod, so trials would run "
-                     f"one at a time; set budget.max_concurrent_trials: {max_trials} in the sweep to use every pod")
+        notes.append(f"budget.max_concurrent_trials is null: the entrypoint passes --max-concurrent-trials "
+                     f"{max_trials} (the trials that fit once every GPU pod is up)")
     return Sizing(pod_cpus, gpus_per_worker, trial_cpus, trial_gpus, max_trials, notes)
 
 
@@ -294,6 +291,9 @@ def render(spec: SweepSpec, image: str, workers: int, gpus_per_worker: int, cpus
     sizing = plan_resources(eff, cfg, workers, gpus_per_worker, cpus_per_worker)
     sweep_file = _in_image(spec.path, workdir)
     command = ["--resume", "--resume-file", sweep_file, spec.name] if resume else [sweep_file]
+    # The cluster starts with no GPU pod, so Tune's automatic concurrency would see none: say how many fit.
+    if spec.budget.get("max_concurrent_trials") is None:  # (options first: positionals follow)
+        command = ["--max-concurrent-trials", str(sizing.max_trials), *command]
     entrypoint = shlex.join(["vis4mer", "sweep", *command, *overrides])
     job_name = name or k8s_name(spec.name)
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def check_cluster(cluster: dict, secret: str = "vis4mer-credentials", workers: i
 
 def check_rayjob(job: dict, **kw) -> None:
     s = job["spec"]
-    assert s["entrypoint"].startswith("vis4mer sweep /home/ray/vis4mer/sweeps/")
+    assert re.match(r"vis4mer sweep (--max-concurrent-trials \d+ )?/home/ray/vis4mer/sweeps/", s["entrypoint"])
     assert s["submitterConfig"]["backoffLimit"] == 0 and s["backoffLimit"] == 0
     assert s["preRunningDeadlineSeconds"] > 0
     assert s["shutdownAfterJobFinishes"] is True and s["ttlSecondsAfterFinished"] > 0
@@ -134,7 +135,8 @@ def test_every_shipped_sweep_renders_a_valid_rayjob(path, spec_cache):
     validate_manifest(job, where=path.name)
     check_rayjob(job, secret="my-creds", workers=3)
     assert job["metadata"]["name"] == k8s_name(spec.name) and job["metadata"]["namespace"] == "ml"
-    assert job["spec"]["entrypoint"] == ("vis4mer sweep /home/ray/vis4mer/sweeps/" + path.name + " "
+    assert job["spec"]["entrypoint"] == (f"vis4mer sweep --max-concurrent-trials {sizing.max_trials} "
+                                         f"/home/ray/vis4mer/sweeps/{path.name} "
                                          + " ".join(STORAGE) + f" tracking.tracking_uri={MLFLOW}")
     pod = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert pod["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -147,12 +149,15 @@ def test_sizing_follows_the_sweep(spec_cache):
     _, s = render(spec, IMAGE, workers=4, gpus_per_worker=2, mlflow_uri=MLFLOW, overrides=STORAGE)
     assert (s.pod_cpus, s.pod_gpus, s.trial_gpus, s.trial_cpus) == (19, 2, 1, 9)  # 2 x (8 + 1 data) + 1 drivers
     assert s.max_trials == 8  # by GPUs: 4 pods x 2; by CPUs: 4 x (19 - 1) // 9 = 8
-    assert any("max_concurrent_trials: 8" in n for n in s.notes)
+    assert any("--max-concurrent-trials 8" in n for n in s.notes)
+    job, _ = render(spec, IMAGE, workers=4, gpus_per_worker=2, mlflow_uri=MLFLOW, overrides=STORAGE)
+    assert "--max-concurrent-trials 8" in job["spec"]["entrypoint"]  # Tune's own limit would see no GPU pod
     _, s = render(spec, IMAGE, workers=4, gpus_per_worker=2, cpus_per_worker=12, mlflow_uri=MLFLOW, overrides=STORAGE)
     assert s.pod_cpus == 12 and s.max_trials == 4  # CPUs bind: 4 x (12 - 1) // 9
-    with pytest.raises(ConfigError, match="scaling.num_workers=2 GPU workers per trial but --gpus-per-worker=1"):
-        render(spec, IMAGE, workers=4, gpus_per_worker=1, mlflow_uri=MLFLOW,
-               overrides=STORAGE + ["scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match="scaling.num_workers=4 GPU workers per trial but --workers 1 x "
+                                          "--gpus-per-worker 2 GPUs in all: the trial could never start"):
+        render(spec, IMAGE, workers=1, gpus_per_worker=2, mlflow_uri=MLFLOW,
+               overrides=STORAGE + ["scaling.num_workers=4"])
     with pytest.raises(ConfigError, match="--cpus-per-worker=8: a Train worker needs scaling.cpus_per_worker=8 "
                                           "CPUs on one pod, plus 1 for its trial's data reads"):
         render(spec, IMAGE, workers=4, gpus_per_worker=1, cpus_per_worker=8, mlflow_uri=MLFLOW, overrides=STORAGE)
@@ -205,7 +210,7 @@ def test_entrypoint_is_a_vis4mer_sweep_command(spec_cache):
         words = shlex.split(job["spec"]["entrypoint"])
         assert words[0] == "vis4mer"
         a = build_parser().parse_args(words[1:])
-        assert a.command == "sweep" and a.resume is resume
+        assert a.command == "sweep" and a.resume is resume and a.max_concurrent_trials == 1
         assert a.overrides == extra + ["train.epochs=2", f"tracking.tracking_uri={MLFLOW}"]
         path = a.resume_file if resume else a.sweep
         assert path == "/home/ray/vis4mer/sweeps/demo.yaml" and (not resume or a.sweep == "demo")
