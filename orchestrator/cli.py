@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator import cloud_cli, data_cli, jobs_cli, k8s_cli
+from orchestrator import cloud_cli, data_cli, extract_cli, jobs_cli, k8s_cli
 
 
 class UserError(Exception):
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     k8s_cli.register(sub, _positive_int)
     cloud_cli.register(sub, _positive_int)
     jobs_cli.register(sub, _positive_int)
+    extract_cli.register(sub, _positive_int)
     t = sub.add_parser("train", help="train on Ray Train (local Ray, or --address / RAY_ADDRESS), tracked in MLflow")
     t.add_argument("config", help="training config YAML")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-3 scaling.num_workers=2")
