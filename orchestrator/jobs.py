@@ -158,7 +158,22 @@ def client(address: str | None):
             from None
 
 
+AGENT_WAIT_S = 120  # a cluster that has just started may not have its job agent up yet
+
+
 def submit(sub: Submission, address: str | None) -> str:
+    """Submits; while the head's job agent is still starting ("No available agent"), waits and retries."""
+    import time
+
     c = client(address)
-    return c.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env, metadata=sub.metadata,
-                        submission_id=sub.submission_id)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    delay = 1.0
+    while True:
+        try:
+            return c.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env, metadata=sub.metadata,
+                                submission_id=sub.submission_id)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)

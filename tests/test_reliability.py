@@ -47,7 +47,7 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(synthetic_dataset, 
     from orchestrator.trainer import run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = tiny(synthetic_dataset, tmp_path, "train.epochs=5", "tracking.enabled=true",
+    common = tiny(synthetic_dataset, tmp_path, "train.epochs=5", "tracking.enabled=true", "data.cache=true",
                   f"tracking.tracking_uri={uri}", "tracking.experiment=kill", "train.max_failures=1")
     clean = run_training(load_config(None, [*common, "run.name=clean"]))
 
