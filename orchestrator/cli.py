@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from orchestrator import cloud_cli, data_cli, extract_cli, jobs_cli, k8s_cli
+from orchestrator.cli_types import positive_int
 
 
 class UserError(Exception):
@@ -102,14 +103,7 @@ def _cmd_best(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+_positive_int = positive_int  # the name the sub-modules' register() receive
 
 
 class _Parser(argparse.ArgumentParser):

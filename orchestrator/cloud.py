@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.cli_types import json_path
 from orchestrator.config import ConfigError
 
 PROVIDERS = ("aws", "gcp")
@@ -332,15 +333,8 @@ def to_yaml(cfg: dict, path: str | None = None) -> str:
 # -------------------------------------------------------------------------------- validate
 
 
-def _path(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
 def _schema_error(e) -> str:
-    where = _path(e.absolute_path)
+    where = json_path(e.absolute_path)
     if e.validator == "required":
         missing = re.findall(r"'([^']+)' is a required property", e.message)
         key = missing[0] if missing else "?"
@@ -417,11 +411,11 @@ def find_credentials(obj) -> list[tuple[str, str]]:
     found = []
     for parts, value in _walk(obj):
         if parts and isinstance(parts[-1], str) and parts[-1].lower() in _KEY_NAMES:
-            found.append((_path(parts), f"a credential key {parts[-1]!r}"))
+            found.append((json_path(parts), f"a credential key {parts[-1]!r}"))
         elif isinstance(value, str):
             for pattern, what in _SECRET_TEXT:
                 if pattern.search(value):
-                    found.append((_path(parts), what))
+                    found.append((json_path(parts), what))
                     break
     return found
 

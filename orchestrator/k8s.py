@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from orchestrator.cli_types import json_path
 from orchestrator.config import SECRET_WORDS, Config, ConfigError, load_config
 from orchestrator.sweep import SweepSpec, validate_sweep
 
@@ -365,31 +366,24 @@ def _validator(kind: str, folder: str):
     return Draft7Validator(_strict(versions[0]["schema"]["openAPIV3Schema"]))
 
 
-def _path(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
 def _schema_error(e) -> str:
     parts = list(e.absolute_path)
     if e.validator == "required":
         missing = re.match(r"'([^']+)' is a required property", e.message)
-        return f"{_path(parts + [missing.group(1)] if missing else parts)}: required field missing"
+        return f"{json_path(parts + [missing.group(1)] if missing else parts)}: required field missing"
     if e.validator == "additionalProperties" and e.validator_value is False and isinstance(e.instance, dict):
         known = set(e.schema.get("properties", {}))
         extra = sorted(k for k in e.instance if k not in known)
-        return f"{_path(parts + extra[:1])}: unknown field (not in the KubeRay CRD)"
+        return f"{json_path(parts + extra[:1])}: unknown field (not in the KubeRay CRD)"
     if e.validator == "type":
-        return f"{_path(parts)}: expected {e.validator_value}, got {type(e.instance).__name__} {e.instance!r:.60}"
+        return f"{json_path(parts)}: expected {e.validator_value}, got {type(e.instance).__name__} {e.instance!r:.60}"
     if e.validator == "enum":
-        return f"{_path(parts)}: {e.instance!r} is not one of {e.validator_value}"
+        return f"{json_path(parts)}: {e.instance!r} is not one of {e.validator_value}"
     if e.validator == "pattern" and e.validator_value == _QUANTITY.pattern:
-        return f"{_path(parts)}: {e.instance!r} is not a Kubernetes quantity (e.g. 64Gi, 8, 500m)"
+        return f"{json_path(parts)}: {e.instance!r} is not a Kubernetes quantity (e.g. 64Gi, 8, 500m)"
     if e.validator == "anyOf" and e.schema.get("x-kubernetes-int-or-string"):
-        return f"{_path(parts)}: expected an integer or a string, got {e.instance!r:.60}"
-    return f"{_path(parts)}: {e.message}"
+        return f"{json_path(parts)}: expected an integer or a string, got {e.instance!r:.60}"
+    return f"{json_path(parts)}: {e.message}"
 
 
 def validate_manifest(obj: Any, where: str = "manifest") -> None:
@@ -531,7 +525,7 @@ def _check_credentials(obj: dict, fail) -> None:
             for i, v in enumerate(node):
                 if parts[-1:] == ["env"] and isinstance(v, dict) and isinstance(v.get("name"), str) \
                         and v.get("value") is not None and any(w in v["name"].lower() for w in SECRET_WORDS):
-                    fail(_path(parts + [i, "value"]), f"{v['name']} has a literal value: take it from a Secret "
+                    fail(json_path(parts + [i, "value"]), f"{v['name']} has a literal value: take it from a Secret "
                                                       "(valueFrom.secretKeyRef)")
                 walk(v, parts + [i])
 

@@ -1,22 +1,13 @@
 """`vis4mer k8s ...`: render a KubeRay RayJob for a sweep, validate manifests against the KubeRay CRDs."""
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+from orchestrator.cli_types import non_negative_int
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -109,7 +100,7 @@ def register(sub, positive_int) -> None:
                                         "e.g. http://mlflow.mlflow.svc:5000")
     r.add_argument("--namespace", default="default")
     r.add_argument("--name", help="RayJob name (default: vis4mer-<sweep name>)")
-    r.add_argument("--ttl-seconds", type=_non_negative_int, default=600,
+    r.add_argument("--ttl-seconds", type=non_negative_int, default=600,
                    help="delete the cluster this long after the job ends (default 600)")
     r.add_argument("--resume", action="store_true", help="the job continues the interrupted sweep from "
                                                          "run.storage_path (vis4mer sweep --resume)")
