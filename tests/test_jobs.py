@@ -50,16 +50,25 @@ def ray_cluster(tmp_path_factory):
     port, dash = free_port(), free_port()
     ray = str(Path(sys.executable).parent / "ray")
     common = ["--num-cpus", "2", "--object-store-memory", str(256 * 2**20), "--disable-usage-stats", "--block"]
+
+    def own_ports() -> list[str]:
+        # every port a node opens at a fixed default (the dashboard agent's 52365, the metrics and
+        # runtime-env agents) gets a free one: the session's own local Ray may already hold the defaults
+        return [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                 "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
+                for arg in (flag, str(free_port()))]
+
     procs = []
     try:
         head = subprocess.Popen([ray, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                                 "--dashboard-port", str(dash), "--temp-dir", str(root / "head"), *common],
+                                 "--dashboard-port", str(dash), "--temp-dir", str(root / "head"), *common,
+                                 *own_ports()],
                                 env=_ray_env(), stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         procs.append(head)
         wait_http(f"http://127.0.0.1:{dash}/api/version", 90, head)
         worker = subprocess.Popen([ray, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(root / "worker"),
-                                   *common], env=_ray_env(), stdout=open(root / "worker.log", "w"),
+                                   *common, *own_ports()], env=_ray_env(), stdout=open(root / "worker.log", "w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(worker)
         deadline = time.monotonic() + 90
