@@ -83,7 +83,8 @@ def _aws_credentials(opts: StorageOptions) -> dict:
     return {}
 
 
-S3_MAX_ATTEMPTS = 8
+PYARROW_S3_ATTEMPTS = 10  # waits 50 ms, 100 ms, ... 6.4 s between tries: ~13 s in all
+BOTOCORE_S3_ATTEMPTS = 8
 
 
 def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
@@ -98,14 +99,14 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
         region = opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         creds = _aws_credentials(opts)
         # An endpoint that drops out for seconds (a restart, a network blip) must not end a run: both
-        # clients retry connection errors and 5xx with exponential backoff (pyarrow: 25 ms doubling,
-        # ~6 s over 8 attempts; botocore standard mode: jittered, capped at 20 s). Auth and
-        # not-found errors are not retried.
+        # clients retry connection errors and 5xx with exponential backoff (pyarrow: 25 ms doubling
+        # over 10 attempts, ~13 s of waiting in all; botocore standard mode: 8 attempts, jittered,
+        # each wait capped at 20 s). Auth and not-found errors are not retried.
         pa_kwargs = dict(region=region, anonymous=opts.anonymous, force_virtual_addressing=False,
                          connect_timeout=5, request_timeout=60,
-                         retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
+                         retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=PYARROW_S3_ATTEMPTS))
         s3_kwargs: dict = dict(anon=opts.anonymous, client_kwargs={"region_name": region},
-                               config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                               config_kwargs={"retries": {"max_attempts": BOTOCORE_S3_ATTEMPTS, "mode": "standard"},
                                               "connect_timeout": 5})
         if endpoint:
             u = urlparse(endpoint)
