@@ -83,6 +83,25 @@ def _aws_credentials(opts: StorageOptions) -> dict:
     return {}
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with vis4mer's retry strategy, kept when pickled.
+
+    pyarrow drops `retry_strategy` when an S3FileSystem is pickled, and Ray pickles the run's
+    storage filesystem into the Train controller and workers: without this, their checkpoint writes
+    fell back to 3 quick attempts and a 4-s endpoint outage ended the run."""
+
+    def __init__(self, **kwargs):
+        self._vis4mer_kwargs = kwargs
+        super().__init__(**kwargs, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=PYARROW_S3_ATTEMPTS))
+
+    def __reduce__(self):
+        return RetryingS3FileSystem._rebuild, (self._vis4mer_kwargs,)
+
+    @staticmethod
+    def _rebuild(kwargs: dict) -> "RetryingS3FileSystem":
+        return RetryingS3FileSystem(**kwargs)
+
+
 PYARROW_S3_ATTEMPTS = 10  # waits 50 ms, 100 ms, ... 6.4 s between tries: ~13 s in all
 BOTOCORE_S3_ATTEMPTS = 8
 
@@ -103,8 +122,7 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
         # over 10 attempts, ~13 s of waiting in all; botocore standard mode: 8 attempts, jittered,
         # each wait capped at 20 s). Auth and not-found errors are not retried.
         pa_kwargs = dict(region=region, anonymous=opts.anonymous, force_virtual_addressing=False,
-                         connect_timeout=5, request_timeout=60,
-                         retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=PYARROW_S3_ATTEMPTS))
+                         connect_timeout=5, request_timeout=60)
         s3_kwargs: dict = dict(anon=opts.anonymous, client_kwargs={"region_name": region},
                                config_kwargs={"retries": {"max_attempts": BOTOCORE_S3_ATTEMPTS, "mode": "standard"},
                                               "connect_timeout": 5})
@@ -119,7 +137,7 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
         if creds:
             pa_kwargs.update(access_key=creds["key"], secret_key=creds["secret"], session_token=creds["token"])
             s3_kwargs.update(key=creds["key"], secret=creds["secret"], token=creds["token"])
-        return Resolved("s3", path, pafs.S3FileSystem(**pa_kwargs), s3fs.S3FileSystem(**s3_kwargs))
+        return Resolved("s3", path, RetryingS3FileSystem(**pa_kwargs), s3fs.S3FileSystem(**s3_kwargs))
     try:
         import gcsfs
     except ImportError:
