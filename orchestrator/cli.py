@@ -103,7 +103,6 @@ def _cmd_best(args) -> int:
     return 0
 
 
-_positive_int = positive_int  # the name the sub-modules' register() receive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,17 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="data/synthetic_order", help="the demo dataset (written if absent)")
     d.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     d.add_argument("--model-only", action="store_true", help="instead: a one-minute in-memory model demo, no Ray")
-    d.add_argument("--epochs", type=_positive_int, default=15, help="with --model-only")
-    d.add_argument("--length", type=_positive_int, default=256, help="with --model-only")
+    d.add_argument("--epochs", type=positive_int, default=15, help="with --model-only")
+    d.add_argument("--length", type=positive_int, default=256, help="with --model-only")
     d.add_argument("--seed", type=int, default=0, help="with --model-only")
     d.set_defaults(func=_cmd_demo)
     m = sub.add_parser("models", help="list the registered model variants")
     m.set_defaults(func=_cmd_models)
-    data_cli.register(sub, _positive_int)
-    k8s_cli.register(sub, _positive_int)
-    cloud_cli.register(sub, _positive_int)
-    jobs_cli.register(sub, _positive_int)
-    extract_cli.register(sub, _positive_int)
+    data_cli.register(sub, positive_int)
+    k8s_cli.register(sub, positive_int)
+    cloud_cli.register(sub, positive_int)
+    jobs_cli.register(sub, positive_int)
+    extract_cli.register(sub, positive_int)
     t = sub.add_parser("train", help="train on Ray Train (local Ray, or --address / RAY_ADDRESS), tracked in MLflow")
     t.add_argument("config", help="training config YAML")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-3 scaling.num_workers=2")
@@ -141,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep without rerunning finished trials")
     w.add_argument("--resume-file", help="with --resume: the sweep YAML (default sweeps/NAME.yaml)")
     w.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    w.add_argument("--max-concurrent-trials", type=_positive_int,
+    w.add_argument("--max-concurrent-trials", type=positive_int,
                    help="override budget.max_concurrent_trials (e.g. for a cluster that scales up from 0 nodes)")
     w.set_defaults(func=_cmd_sweep)
     b = sub.add_parser("best", help="best trials of a sweep, from MLflow only; writes the best config as a training YAML")
     b.add_argument("--sweep", help="sweep name (default: every sweep in the experiment)")
     b.add_argument("--metric", help="default: the sweep's metric")
-    b.add_argument("--top", type=_positive_int, default=5)
+    b.add_argument("--top", type=positive_int, default=5)
     b.add_argument("--tracking-uri", help="default: sqlite:///$PWD/mlflow.db")
     b.add_argument("--experiment", help="MLflow experiment (default: search them all)")
     b.add_argument("--out", default="best.yaml")

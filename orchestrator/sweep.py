@@ -182,10 +182,11 @@ def concurrency(spec: SweepSpec, base: Config) -> int:
     # per trial stays free for Ray Data's read tasks, which would otherwise wait forever.
     workers = 1 if base.scaling.local_mode else base.scaling.num_workers
     per_trial = workers * base.scaling.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1) // per_trial)
     if base.scaling.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return max(1, min(int(gpus // workers), int(ray.cluster_resources().get("CPU", 1) // per_trial)))
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+        fits = min(fits, int(resources.get("GPU", 0) // workers))
+    return max(1, fits)
 
 
 def trial_count(spec: SweepSpec) -> int:

@@ -35,16 +35,30 @@ def manifest_hash(manifest_json: str) -> str:
     return hashlib.sha256(manifest_json.encode()).hexdigest()
 
 
+def _experiment_id(client, cfg: Config, create: bool = True) -> str | None:
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(cfg.tracking.experiment) if create else None
+
+
+def _find_run(client, exp_id: str | None, tag: str, value: str):
+    """The run whose `tag` equals `value` (how a resumed run or sweep finds its own again), or None."""
+    if exp_id is None:
+        return None
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+    return found[0] if found else None
+
+
 def get_or_create_run(cfg: Config, name: str, tags: dict, parent_run_id: str | None = None) -> str:
     """The MLflow run for this run name: the existing one (a resumed run logs into it) or a new one."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
+    exp_id = _experiment_id(client, cfg)
+    found = _find_run(client, exp_id, RUN_NAME_TAG, name)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in tags.items() if v is not None}}
@@ -87,11 +101,10 @@ def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'", max_results=1)
+    exp_id = _experiment_id(client, cfg)
+    found = _find_run(client, exp_id, "vis4mer.sweep_parent", sweep)
     if found:
-        return found[0].info.run_id
+        return found.info.run_id
     run = client.create_run(exp_id, run_name=sweep, tags={"vis4mer.sweep_parent": sweep, **tags,
                                                           "vis4mer.git_commit": git_commit() or ""})
     client.log_text(run.info.run_id, json.dumps(search_space, indent=2), "search_space.json")
@@ -127,12 +140,10 @@ def close_run_by_name(cfg: Config, name: str, status: str, tags: dict, error: st
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    found = exp and client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
-                                       max_results=1)
+    found = _find_run(client, _experiment_id(client, cfg, create=False), RUN_NAME_TAG, name)
     if not found:
         return None
-    run_id = found[0].info.run_id
+    run_id = found.info.run_id
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     if error:
