@@ -103,8 +103,6 @@ def _cmd_best(args) -> int:
     return 0
 
 
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
