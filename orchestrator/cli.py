@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
     w = sub.add_parser("sweep", help="run a sweep (sweeps/*.yaml) on Ray Tune, tracked in MLflow")
     w.add_argument("sweep", nargs="?", help="sweep YAML (with --resume: the sweep's name)")
-    w.add_argument("overrides", nargs="*", help="key=value overrides of the base training config")
+    w.add_argument("overrides", nargs="*", help="key=value overrides of the base training config (a searched key given here is fixed)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep without rerunning finished trials")
     w.add_argument("--resume-file", help="with --resume: the sweep YAML (default sweeps/NAME.yaml)")
     w.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")

@@ -67,7 +67,8 @@ def _expand(key: str, value: Any) -> list[str]:
 
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
-    """Reads and validates a sweep YAML; `overrides` (key=value) apply to the base training config."""
+    """Reads and validates a sweep YAML; `overrides` (key=value) apply to the base training config.
+    An override of a searched key fixes it: `model.d_state=16` takes d_state out of the search space."""
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text())
@@ -87,11 +88,17 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
                      overrides=dict(raw.get("overrides") or {}), search_space=dict(raw["search_space"] or {}),
                      scheduler=dict(raw.get("scheduler") or {"kind": "asha"}), metric=raw.get("metric"),
                      budget={"num_samples": 1, "max_concurrent_trials": None, **(raw.get("budget") or {})}, path=str(p))
+    pinned = []
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r}: expected key=value")
         k, v = o.split("=", 1)
         spec.overrides[k] = yaml.safe_load(v)
+        if spec.search_space.pop(k, None) is not None:  # given on the command line: fixed, not searched
+            pinned.append(k)
+    if pinned and not spec.search_space:
+        raise ConfigError(f"{path}: overrides {', '.join(pinned)} fix every searched key: nothing left to sweep "
+                          "(use vis4mer train for a single run)")
     validate_sweep(spec)
     return spec
 

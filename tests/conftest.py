@@ -104,6 +104,9 @@ def s3_bucket(s3_server, request):
     fs.rm(name, recursive=True)
 
 
+RAY_SESSION: dict = {}  # the session's Ray: "dir", its session directory (worker logs under logs/)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session (each worker importing torch costs ~0.4 GiB)."""
@@ -111,8 +114,9 @@ def ray_session():
     from ray.data import DataContext
 
     # the dashboard (State API) is what frees the workers of a trial that Tune stops (ASHA)
-    ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
-             log_to_driver=False, logging_level="ERROR")
+    ctx = ray.init(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=True,
+                   log_to_driver=False, logging_level="ERROR")
+    RAY_SESSION["dir"] = Path(ctx.address_info["session_dir"])
     DataContext.get_current().enable_progress_bars = False
     DataContext.get_current().print_on_execution_start = False
     yield ray
@@ -130,12 +134,20 @@ class MlflowServer:
     def start(self) -> None:
         exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                                      "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--workers", "1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
-        wait_http(self.uri + "/health", 60, self.proc)
+        for attempt in range(5):  # a restart can find the port not yet released by the last server
+            self.proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                                          "--default-artifact-root", str(self.root / "artifacts"),
+                                          "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                         start_new_session=True)
+            try:
+                wait_http(self.uri + "/health", 60, self.proc)
+                return
+            except RuntimeError:
+                if attempt == 4:
+                    raise
+                self.stop()
+                time.sleep(1)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -145,6 +157,16 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(15)
+        if self.proc is not None:
+            deadline = time.time() + 15
+            while time.time() < deadline:  # until the workers (which hold the port) are gone too
+                try:
+                    os.killpg(self.proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc = None
 
 
@@ -159,8 +181,12 @@ def mlflow_server(tmp_path_factory):
 
 
 class TcpProxy:
-    """A loopback TCP proxy in front of a server: `down()` refuses and drops every connection, as an
-    endpoint that has gone away; `up()` serves again. The server behind it keeps its state."""
+    """A loopback TCP proxy in front of a server. `down()` drops every open connection and, until
+    `up()`, answers each new one by reading its first request line and resetting it: an endpoint
+    that has gone away, which also records what the clients tried meanwhile (`refused`, e.g.
+    "GET /bucket/data/part-0.parquet HTTP/1.1"). `down_on(b" /bucket/runs/")` goes down by itself at
+    the first request for such a path, that request included (`tripped` is set): an outage that
+    surely hits that kind of request. The server behind it keeps its state."""
 
     def __init__(self, target_port: int):
         import threading
@@ -168,21 +194,27 @@ class TcpProxy:
         self.target, self.port = target_port, free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.lock, self.conns, self.listener = threading.Lock(), set(), None
+        self.serving, self.refused = False, []
+        self.trip, self.tripped = None, threading.Event()
+
+    def down_on(self, pattern: bytes) -> None:
+        self.tripped.clear()
+        self.trip = pattern
 
     def up(self) -> None:
         import threading
 
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(64)
-        self.listener = ls
-        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+        if self.listener is None:
+            ls = socket.socket()
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("127.0.0.1", self.port))
+            ls.listen(64)
+            self.listener = ls
+            threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+        self.serving = True
 
     def down(self) -> None:
-        ls, self.listener = self.listener, None
-        if ls is not None:
-            ls.close()
+        self.serving = False
         with self.lock:
             conns, self.conns = list(self.conns), set()
         for c in conns:
@@ -192,6 +224,12 @@ class TcpProxy:
                 pass
             c.close()
 
+    def close(self) -> None:
+        self.down()
+        ls, self.listener = self.listener, None
+        if ls is not None:
+            ls.close()
+
     def _accept(self, ls) -> None:
         import threading
 
@@ -199,7 +237,10 @@ class TcpProxy:
             try:
                 client, _ = ls.accept()
             except OSError:
-                return  # closed by down()
+                return  # closed by close()
+            if not self.serving:
+                threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
             except OSError:
@@ -207,12 +248,34 @@ class TcpProxy:
                 continue
             with self.lock:
                 self.conns.update((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, upstream in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, upstream), daemon=True).start()
 
-    def _pump(self, src, dst) -> None:
+    def _refuse(self, client) -> None:
+        import struct
+
+        data = b""
+        try:
+            client.settimeout(2)
+            while b"\r\n" not in data and len(data) < 8192 and (chunk := client.recv(4096)):
+                data += chunk
+        except OSError:
+            pass
+        if data:
+            self.refused.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, not FIN
+        client.close()
+
+    def _pump(self, src, dst, upstream: bool) -> None:
         try:
             while data := src.recv(65536):
+                trip = self.trip
+                if upstream and trip is not None and trip in data:
+                    self.trip = None
+                    self.refused += [ln.decode("latin-1") for ln in data.split(b"\r\n") if trip in ln][:1]
+                    self.down()
+                    self.tripped.set()
+                    return
                 dst.sendall(data)
         except OSError:
             pass

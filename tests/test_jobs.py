@@ -106,31 +106,29 @@ def _wait_status(address: str, job_id: str, want: set[str], timeout: float) -> s
     raise TimeoutError(f"job {job_id} still {status} after {timeout} s")
 
 
-def test_submit_a_sweep_to_a_two_node_cluster(ray_cluster, synthetic_dataset, tmp_path):
+def test_submit_the_demo_sweep_to_a_two_node_cluster(ray_cluster, synthetic_dataset, tmp_path):
+    """`vis4mer submit sweeps/demo.yaml` with the project as working_dir, scaled down on the command
+    line: d_state and lr fixed (its 4 depth/pooling schedules remain), tiny widths, 2 epochs, and one
+    DDP worker on each node (STRICT_SPREAD), so every trial spans the cluster."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = {"name": "jobsweep", "base": str(ROOT / "sweeps" / "train_synthetic.yaml"),
-             "overrides": {"data.uri": synthetic_dataset, "data.cache": True, "run.storage_path": str(tmp_path / "runs"),
-                           "tracking.tracking_uri": uri, "tracking.experiment": "jobs", "model.d_model": 16,
-                           "model.d_state": 8, "data.batch_size": 4, "train.epochs": 2, "schedule.kind": "constant",
-                           # one DDP worker on each node: the trial spans the cluster
-                           "scaling.num_workers": 2, "scaling.placement_strategy": "STRICT_SPREAD"},
-             "search_space": {"model.n_layers": {"grid": [0, 2]}},
-             "scheduler": {"kind": "fifo"}, "budget": {"num_samples": 1}}
-    (tmp_path / "jobsweep.yaml").write_text("# vis4mer sweep jobsweep.yaml\n" + yaml.safe_dump(sweep))
+    overrides = [f"data.uri={synthetic_dataset}", f"run.storage_path={tmp_path}/runs", f"tracking.tracking_uri={uri}",
+                 "tracking.experiment=jobs", "model.d_state=8", "optim.lr=3e-3", "model.d_model=16",
+                 "data.batch_size=4", "train.epochs=2", "schedule.kind=constant", "scaling.num_workers=2",
+                 "scaling.placement_strategy=STRICT_SPREAD"]
     env = dict(_ray_env(), VIS4MER_TEST_TOKEN=SECRET)
-    out = _vis4mer("submit", str(tmp_path / "jobsweep.yaml"), "optim.lr=3e-3", "--address", ray_cluster,
-                   "--working-dir", str(tmp_path), "--env", "VIS4MER_TEST_TOKEN", env=env)
+    out = _vis4mer("submit", "sweeps/demo.yaml", *overrides, "--address", ray_cluster,
+                   "--env", "VIS4MER_TEST_TOKEN", env=env)
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"submitted job (\S+):", out.stdout).group(1)
     assert SECRET not in out.stdout + out.stderr and '"VIS4MER_TEST_TOKEN": "***"' in out.stdout
 
-    status = _wait_status(ray_cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=400)
+    status = _wait_status(ray_cluster, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=450)
     logs = _vis4mer("jobs", "logs", job_id, "--address", ray_cluster)
     assert status == "SUCCEEDED", logs.stdout[-4000:]
-    assert "sweep jobsweep: 2 trials, 2 reported, 0 errored" in logs.stdout
+    assert "sweep demo: 4 trials, 4 reported, 0 errored" in logs.stdout
     listing = _vis4mer("jobs", "list", "--address", ray_cluster)
     assert listing.returncode == 0 and job_id in listing.stdout
-    assert "python -m orchestrator.cli sweep jobsweep.yaml optim.lr=3e-3" in listing.stdout
+    assert "python -m orchestrator.cli sweep sweeps/demo.yaml data.uri=" in listing.stdout
     assert SECRET not in logs.stdout + listing.stdout  # by name only: never in the entrypoint or the logs
 
     import mlflow
@@ -138,8 +136,10 @@ def test_submit_a_sweep_to_a_two_node_cluster(ray_cluster, synthetic_dataset, tm
     client = mlflow.tracking.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-    assert all(r.data.params["optim.lr"] == "0.003" and r.data.params["scaling.num_workers"] == "2" for r in children)
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert all(r.data.params["optim.lr"] == "0.003" and r.data.params["model.d_state"] == "8"
+               and r.data.params["scaling.num_workers"] == "2" for r in children)
+    assert sorted(r.data.params["model.n_layers"] for r in children) == ["0", "2", "2", "3"]  # the demo's schedules
     assert all("val_top1" in r.data.metrics for r in children)
     everything = json.dumps([[r.data.params, r.data.tags] for r in runs])
     assert SECRET not in everything

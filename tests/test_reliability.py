@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_config
-from tests.conftest import MlflowServer, TcpProxy
+from tests.conftest import RAY_SESSION, MlflowServer, TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,12 +83,19 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(synthetic_dataset, 
     assert _metric_steps(client, out.run_id) == [0, 1, 2, 3, 4]  # no epoch lost, none logged twice
 
 
+def _worker_stderr(since: float) -> str:
+    """What the session's Ray workers wrote to stderr since `since` (log_to_driver is off in tests)."""
+    logs = RAY_SESSION["dir"] / "logs"
+    return "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err") if p.stat().st_mtime >= since)
+
+
 @pytest.mark.ray
 def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, tmp_path, ray_session,
                                                              s3_server, s3_bucket):
-    """Data and checkpoints on S3 behind a proxy taken down for 4 s mid-run (reads and checkpoint
-    writes retry with backoff), then the MLflow server stopped for several seconds: training goes on,
-    the metrics logged meanwhile arrive once it is back, each epoch once."""
+    """Data and checkpoints on S3 behind a proxy that goes down for 4 s at the first request of an
+    epoch's data read, and again at the first request of a checkpoint write (both retried with
+    backoff); then the MLflow server stopped until an epoch has ended without it: training goes on,
+    a warning is printed, and the metrics logged meanwhile arrive once it is back, each epoch once."""
     import mlflow
 
     from orchestrator.trainer import run_training
@@ -102,6 +109,7 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
     tracking.start()
     events: list[str] = []
     client = mlflow.tracking.MlflowClient(tracking.uri)
+    deadline = time.monotonic() + 400
 
     def steps() -> list[int]:
         try:
@@ -111,25 +119,41 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
         except Exception:  # the server is down: nothing to see
             return []
 
+    def refused(methods: tuple[str, ...], prefix: str) -> list[str]:
+        return [r for r in proxy.refused if r.split(" ")[0] in methods and f" /{bucket}/{prefix}" in r]
+
+    def checkpoints() -> int:
+        fs.invalidate_cache()
+        return sum(1 for p in fs.find(f"{bucket}/runs/outage", withdirs=True)
+                   if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+
+    def s3_outage_at(what: str, path: str) -> None:
+        proxy.down_on(f" /{bucket}/{path}".encode())
+        if proxy.tripped.wait(max(0.0, deadline - time.monotonic())):
+            events.append(f"s3 down at {what}")
+            time.sleep(4)
+            proxy.up()
+            events.append("s3 up")
+
     def chaos():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(steps()) < 1:
-            time.sleep(0.2)
-        proxy.down()
-        events.append("s3 down")
-        time.sleep(4)
-        proxy.up()
-        events.append("s3 up")
+        while time.monotonic() < deadline and not steps():
+            time.sleep(0.2)  # past the first epoch: the driver's own reads are done
+        s3_outage_at("data read", "data/")
+        s3_outage_at("checkpoint write", "runs/outage/checkpoint_")
         seen = len(steps())
         while time.monotonic() < deadline and len(steps()) <= seen:
             time.sleep(0.2)
+        before = checkpoints()
         tracking.stop()
         events.append("mlflow down")
-        time.sleep(4)
+        t_down = time.monotonic()
+        while time.monotonic() < deadline and (checkpoints() <= before or time.monotonic() - t_down < 4):
+            time.sleep(0.2)  # until an epoch has ended (and tried to log) without the tracking server
         tracking.start()
         events.append("mlflow up")
 
     t = threading.Thread(target=chaos, daemon=True)
+    started = time.time()
     try:
         args = tiny(f"s3://{bucket}/data", tmp_path, "train.epochs=12", f"data.storage.endpoint_url={proxy.endpoint}",
                     f"run.storage_path=s3://{bucket}/runs", f"run.storage.endpoint_url={proxy.endpoint}",
@@ -138,15 +162,19 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
         t.start()
         out = run_training(load_config(None, args))
         t.join(120)
-        assert events == ["s3 down", "s3 up", "mlflow down", "mlflow up"], events
+        assert events == ["s3 down at data read", "s3 up", "s3 down at checkpoint write", "s3 up",
+                          "mlflow down", "mlflow up"], events
+        assert refused(("GET", "HEAD"), "data/"), f"no data read was refused during the outages: {proxy.refused}"
+        assert refused(("PUT", "POST"), "runs/outage/checkpoint_"), f"no checkpoint write was refused: {proxy.refused}"
         assert out.metrics["epoch"] == 11
         backlog = [m.value for m in client.get_metric_history(out.run_id, "tracking_backlog")]
         assert max(backlog) > 0, "no epoch ended while MLflow was down: the outage missed training"
+        assert "warning: MLflow logging failed" in _worker_stderr(started)
         assert _metric_steps(client, out.run_id) == list(range(12))  # the backlog arrived, each epoch once
         assert client.get_run(out.run_id).info.status == "FINISHED"
-        assert fs.ls(f"{bucket}/runs/outage")  # checkpoints kept going to S3
+        assert checkpoints() > 0  # checkpoints kept going to S3
     finally:
-        proxy.down()
+        proxy.close()
         t.join(120)
         tracking.stop()
 

@@ -43,6 +43,20 @@ def test_demo_sweep_covers_state_size_pooling_and_depth():
     assert any("model.n_layers=0" in combo for combo in discrete_overrides(spec))  # the mean-pooled baseline
 
 
+def test_an_override_of_a_searched_key_fixes_it():
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep import trial_count
+
+    demo = str(ROOT / "sweeps" / "demo.yaml")
+    full = load_sweep(demo)
+    spec = load_sweep(demo, ["model.d_state=16", "train.epochs=3"])
+    assert "model.d_state" not in spec.search_space and spec.overrides["model.d_state"] == 16
+    assert trial_count(spec) == trial_count(full) // 2
+    assert all("model.d_state=16" in spec.base_overrides(c) for c in discrete_overrides(spec))
+    with pytest.raises(ConfigError, match="fix every searched key: nothing left to sweep"):
+        load_sweep(demo, ["model.d_state=16", "model={n_layers: 0}", "optim.lr=0.003"])
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda d: d.update(search_space={"optim.lr": {"gaussian": [0, 1]}}), "search_space.optim.lr: expected one of"),
     (lambda d: d.update(search_space={"optim.lr": {"loguniform": [0, 1]}}), "loguniform: expected low > 0"),
