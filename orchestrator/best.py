@@ -1,7 +1,8 @@
 """`vis4mer best`: the best trials of a sweep, from MLflow alone (no Ray needed).
 
-Works from any machine that reaches the tracking server: it reads the sweep's child runs (tag
-`vis4mer.sweep`), ranks them by the metric, prints a table and writes the best trial's resolved
+Works from any machine that reaches the tracking server: it reads the child runs of the sweep's
+latest parent run (a sweep run again without --resume is a new sweep), or every sweep's trials
+without --sweep, ranks them by the metric, prints a table and writes the best trial's resolved
 config (its `config.yaml` artifact) as a ready-to-run training YAML.
 """
 from __future__ import annotations
@@ -43,6 +44,13 @@ def experiment_ids(client, tracking_uri: str, experiment: str | None) -> list[st
     return [exp.experiment_id]
 
 
+def latest_parent(client, exp_ids: list[str], sweep: str | None):
+    """The latest parent run of sweep `sweep` (of any sweep if None), or None."""
+    filt = f"tags.`vis4mer.sweep_parent` = '{sweep}'" if sweep else "tags.`vis4mer.sweep_parent` != ''"
+    found = client.search_runs(exp_ids, filter_string=filt, max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
 def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, metric: str | None,
                 top: int = 5) -> tuple[str, str, list[TrialRow]]:
     from mlflow.tracking import MlflowClient
@@ -50,15 +58,16 @@ def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, me
     check_store(tracking_uri)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
-    filt = f"tags.`vis4mer.sweep` = '{sweep}'" if sweep else "tags.`vis4mer.trial_id` != ''"
+    where = f"experiment {experiment!r}" if experiment else "any experiment"
+    parent = latest_parent(client, exp_ids, sweep)
+    if sweep and parent is None:
+        raise ConfigError(f"sweep {sweep!r}: no parent run in {where} at {tracking_uri}")
+    filt = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'" if sweep else "tags.`vis4mer.trial_id` != ''"
     runs = client.search_runs(exp_ids, filter_string=filt, max_results=5000)
     if not runs:
-        where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise ConfigError(f"no sweep trials{' of ' + repr(sweep) if sweep else ''} in {where} at {tracking_uri}")
     if metric is None:
-        parents = client.search_runs(exp_ids, filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'"
-                                     if sweep else "tags.`vis4mer.sweep_parent` != ''", max_results=1)
-        metric = parents[0].data.tags.get("vis4mer.metric") if parents else None
+        metric = parent.data.tags.get("vis4mer.metric") if parent else None
         if metric is None:
             raise ConfigError("no metric recorded for this sweep: pass --metric")
     mode = "max" if metric.endswith(("top1", "acc")) else "min"

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from orchestrator.best import check_store, experiment_ids
+from orchestrator.best import check_store, experiment_ids, latest_parent
 from orchestrator.config import ConfigError
 
 
@@ -50,11 +50,10 @@ def sweep_runs(tracking_uri: str, experiment: str | None, sweep: str):
     check_store(tracking_uri)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
-    parents = client.search_runs(exp_ids, filter_string=f"tags.`vis4mer.sweep_parent` = '{sweep}'", max_results=1)
-    if not parents:
+    parent = latest_parent(client, exp_ids, sweep)  # running a sweep again makes a new parent run
+    if parent is None:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
         raise ConfigError(f"sweep {sweep!r}: no parent run in {where} at {tracking_uri}")
-    parent = parents[0]
     children = client.search_runs([parent.info.experiment_id], max_results=5000,
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return client, parent, children, parent.data.tags.get("vis4mer.metric")

@@ -249,7 +249,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     parent = None
     if base.tracking.enabled:
         parent = tracking.get_or_create_parent(base, spec.name, {SWEEP_TAG: spec.name, "vis4mer.metric": metric},
-                                               search_space=spec.search_space)
+                                               search_space=spec.search_space, resume=resume)
     from datasets.storage import filesystems
     from orchestrator.trainer import storage_options
 

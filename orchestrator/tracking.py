@@ -46,7 +46,8 @@ def _find_run(client, exp_id: str | None, tag: str, value: str):
     """The run whose `tag` equals `value` (how a resumed run or sweep finds its own again), or None."""
     if exp_id is None:
         return None
-    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])  # the latest, if run again
     return found[0] if found else None
 
 
@@ -94,15 +95,16 @@ def log_best_model(cfg: Config, run_id: str, model) -> None:
         mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle")
 
 
-def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict) -> str:
-    """The sweep's parent run: found again by its sweep tag when the sweep is resumed."""
+def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict, resume: bool = False) -> str:
+    """The sweep's parent run: a new one for each fresh run of the sweep (running it again starts a
+    new sweep, as Tune does), found again by its sweep tag (the latest) when the sweep is resumed."""
     import json
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
     exp_id = _experiment_id(client, cfg)
-    found = _find_run(client, exp_id, "vis4mer.sweep_parent", sweep)
+    found = _find_run(client, exp_id, "vis4mer.sweep_parent", sweep) if resume else None
     if found:
         return found.info.run_id
     run = client.create_run(exp_id, run_name=sweep, tags={"vis4mer.sweep_parent": sweep, **tags,

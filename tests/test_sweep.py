@@ -205,9 +205,40 @@ def test_report_and_best_refuse_unknown_sweeps_and_stores_in_one_line(tmp_path):
     store = f"sqlite:///{tmp_path}/m.db"
     mlflow.tracking.MlflowClient(store).search_experiments()  # an existing, empty store
     for args, match in ((["report", "nosuch", "--tracking-uri", store], "sweep 'nosuch': no parent run"),
-                        (["best", "--sweep", "nosuch", "--tracking-uri", store], "no sweep trials of 'nosuch'"),
+                        (["best", "--sweep", "nosuch", "--tracking-uri", store], "sweep 'nosuch': no parent run"),
                         (["report", "x", "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"], "no MLflow store there")):
         out = subprocess.run(VIS4MER + args, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and match in out.stderr, out.stderr
     assert not (tmp_path / "absent.db").exists()  # reading never creates a store
+
+
+def test_a_sweep_run_again_is_a_new_sweep_and_best_and_report_read_the_latest(tmp_path):
+    """A fresh run of a sweep gets a new parent run (Tune starts a new experiment too); --resume
+    finds the latest parent again; `best --sweep` and `report` rank only the latest sweep's trials."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.best import best_trials
+    from orchestrator.config import load_config
+    from orchestrator.report import sweep_runs
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(str(ROOT / "sweeps" / "train_synthetic.yaml"),
+                      [f"tracking.tracking_uri={store}", "tracking.experiment=again"])
+    client = MlflowClient(store)
+    tags = {"vis4mer.sweep": "again", "vis4mer.metric": "val_top1"}
+    parents = []
+    for trial, value in (("first_00000", 0.9), ("second_00000", 0.6)):
+        parent = tracking.get_or_create_parent(cfg, "again", tags, {"optim.lr": {"grid": [0.01]}})
+        child = client.create_run(client.get_run(parent).info.experiment_id, tags={
+            "mlflow.parentRunId": parent, "vis4mer.sweep": "again", "vis4mer.trial_id": trial})
+        client.log_metric(child.info.run_id, "val_top1", value)
+        parents.append(parent)
+        time.sleep(0.05)  # start times in ms
+    assert parents[0] != parents[1]
+    assert tracking.get_or_create_parent(cfg, "again", tags, {}, resume=True) == parents[1]
+    metric, mode, rows = best_trials(store, "again", "again", None)
+    assert (metric, mode, [r.trial_id for r in rows]) == ("val_top1", "max", ["second_00000"])
+    _, parent, children, _ = sweep_runs(store, "again", "again")
+    assert parent.info.run_id == parents[1] and len(children) == 1
