@@ -106,6 +106,7 @@ def _wait_status(address: str, job_id: str, want: set[str], timeout: float) -> s
     raise TimeoutError(f"job {job_id} still {status} after {timeout} s")
 
 
+@pytest.mark.timeout(600)  # 4 trials of 2 nodes each: ~190 s alone, slower in the full suite
 def test_submit_the_demo_sweep_to_a_two_node_cluster(ray_cluster, synthetic_dataset, tmp_path):
     """`vis4mer submit sweeps/demo.yaml` with the project as working_dir, scaled down on the command
     line: d_state and lr fixed (its 4 depth/pooling schedules remain), tiny widths, 2 epochs, and one
