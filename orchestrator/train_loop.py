@@ -62,6 +62,16 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
     return F.mse_loss(out[:, 0].float(), y.float())  # output[:, 0], as the released code
 
 
+def diverged_is_worst(metrics: dict) -> dict:
+    """A diverged (NaN) loss becomes +inf, the worst loss: Tune's schedulers compare with <, NaN
+    compares false both ways, and ASHA would keep a diverged trial running. MLflow is sent no
+    non-finite value either way."""
+    for k, v in metrics.items():
+        if k.endswith(("loss", "mse")) and isinstance(v, float) and math.isnan(v):
+            metrics[k] = math.inf
+    return metrics
+
+
 class MlflowEpochLogger:
     """Rank 0's metric logger with an explicit run id. If the tracking server is unreachable,
     training goes on: the metrics are kept and sent with the next epoch's batch."""
@@ -241,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.schedule.kind != "plateau":
             sched.step()
 
+        diverged_is_worst(metrics)
         if logger:
             metrics["tracking_backlog"] = len(logger.pending)  # > 0: the tracking server was unreachable
             logger.log(metrics, step=epoch)

@@ -58,17 +58,22 @@ def ray_cluster(tmp_path_factory):
                                  "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
                 for arg in (flag, str(free_port()))]
 
+    # The nodes' processes name their cluster in RAY_ADDRESS: Ray's State API (which Train's
+    # placement-group cleaner calls without an address) otherwise finds two Ray instances on this
+    # machine (the session's local one too), refuses to choose, and a finished trial's workers are
+    # never freed: the next trial waited for them forever.
+    node_env = dict(_ray_env(), RAY_ADDRESS=f"127.0.0.1:{port}")
     procs = []
     try:
         head = subprocess.Popen([ray, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
                                  "--dashboard-port", str(dash), "--temp-dir", str(root / "head"), *common,
                                  *own_ports()],
-                                env=_ray_env(), stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT,
+                                env=node_env, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         procs.append(head)
         wait_http(f"http://127.0.0.1:{dash}/api/version", 90, head)
         worker = subprocess.Popen([ray, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(root / "worker"),
-                                   *common, *own_ports()], env=_ray_env(), stdout=open(root / "worker.log", "w"),
+                                   *common, *own_ports()], env=node_env, stdout=open(root / "worker.log", "w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(worker)
         deadline = time.monotonic() + 90
@@ -103,10 +108,11 @@ def _wait_status(address: str, job_id: str, want: set[str], timeout: float) -> s
         if status in want:
             return status
         time.sleep(2)
-    raise TimeoutError(f"job {job_id} still {status} after {timeout} s")
+    logs = _vis4mer("jobs", "logs", job_id, "--address", address).stdout
+    raise TimeoutError(f"job {job_id} still {status} after {timeout} s; its log ends:\n{logs[-3000:]}")
 
 
-@pytest.mark.timeout(600)  # 4 trials of 2 nodes each: ~190 s alone, slower in the full suite
+@pytest.mark.timeout(600)  # 4 trials, each on both nodes: ~190 s here
 def test_submit_the_demo_sweep_to_a_two_node_cluster(ray_cluster, synthetic_dataset, tmp_path):
     """`vis4mer submit sweeps/demo.yaml` with the project as working_dir, scaled down on the command
     line: d_state and lr fixed (its 4 depth/pooling schedules remain), tiny widths, 2 epochs, and one

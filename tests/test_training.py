@@ -53,6 +53,26 @@ def test_schedule_too_deep_and_missing_gpu_are_refused(synthetic_dataset, tmp_pa
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
+def test_a_diverged_loss_is_the_worst_for_the_scheduler():
+    """NaN would never be stopped by ASHA (NaN < cutoff is false): a diverged loss is +inf."""
+    import math
+    import types
+
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    from orchestrator.train_loop import diverged_is_worst
+
+    m = diverged_is_worst({"train_loss": math.nan, "val_mse": math.nan, "val_top1": 0.5, "epoch": 1})
+    assert m["train_loss"] == math.inf and m["val_mse"] == math.inf and m["val_top1"] == 0.5
+    # what ASHA then does with it: compared at the rung against a finite loss, the diverged trial stops
+    asha = AsyncHyperBandScheduler(metric="train_loss", mode="min", grace_period=1, reduction_factor=2, max_t=4)
+    bracket = asha._brackets[0]
+    trial = lambda name: types.SimpleNamespace(trial_id=name)  # noqa: E731
+    assert bracket.on_result(trial("good"), 1, -0.5) == "CONTINUE"  # mode min: Tune passes -loss
+    assert bracket.on_result(trial("nan"), 1, -math.nan) == "CONTINUE"  # NaN slips through
+    assert bracket.on_result(trial("diverged"), 1, -m["train_loss"]) == "STOP"
+
+
 def test_every_shipped_training_yaml_validates():
     files = sorted(glob.glob(str(ROOT / "sweeps" / "train_*.yaml")))
     assert files
