@@ -90,7 +90,34 @@ def ray_cluster(tmp_path_factory):
     finally:
         for p in reversed(procs):
             _stop_group(p)
+        _kill_leftovers(str(root))
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_leftovers(root: str, deadline_s: float = 30) -> None:
+    """Every process of the cluster (its GCS, raylets, agents and workers name its temp dir on their
+    command lines), not only the `ray start` groups: a Ray instance left behind makes Ray's State
+    API refuse to choose between it and the session's, and the later sweeps' stopped trials would
+    never be torn down."""
+    def pids() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    if root.encode() in (d / "cmdline").read_bytes():
+                        found.append(int(d.name))
+                except OSError:
+                    pass
+        return found
+
+    end = time.monotonic() + deadline_s
+    while (left := pids()) and time.monotonic() < end:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
 
 
 def _vis4mer(*args, timeout=120, env=None):

@@ -167,8 +167,9 @@ def test_sweep_lifecycle_asha_kill_resume_best_report(synthetic_dataset, tmp_pat
                                              r.data.tags.get("vis4mer.stopped_early"), r.data.tags.get("vis4mer.error"))
         epochs[r.info.run_id] = (r.info.start_time, len(hist), r.data.tags.get("vis4mer.stopped_early"))
     order = sorted(epochs.values())
-    assert any(n < 4 and stopped == "true" for _, n, stopped in order)  # ASHA stopped one ...
-    first_stop = next(i for i, (_, n, _) in enumerate(order) if n < 4)
+    # ASHA stopped one (its decision is recorded on the child run; the stop is asynchronous, so on
+    # these sub-second epochs its workers may still log an epoch or two before they are torn down) ...
+    first_stop = next(i for i, (_, _, stopped) in enumerate(order) if stopped == "true")
     assert any(n == 4 for _, n, _ in order[first_stop + 1:])  # ... and a later trial still ran to the end
     progress = [ln for ln in out.stdout.splitlines() if ln.startswith("[asha ")]
     assert progress and re.search(r"0 running, \d finished, [1-9] stopped, 0 errored, 0 pending", progress[-1])
