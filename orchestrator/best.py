@@ -44,11 +44,20 @@ def experiment_ids(client, tracking_uri: str, experiment: str | None) -> list[st
     return [exp.experiment_id]
 
 
-def latest_parent(client, exp_ids: list[str], sweep: str | None):
-    """The latest parent run of sweep `sweep` (of any sweep if None), or None."""
+def _where(experiment: str | None) -> str:
+    return f"experiment {experiment!r}" if experiment else "any experiment"
+
+
+def latest_parent(client, exp_ids: list[str], sweep: str | None, tracking_uri: str, experiment: str | None):
+    """The latest parent run of sweep `sweep` (running a sweep again makes a new one; refused if it
+    has none), or of any sweep if `sweep` is None (then possibly None)."""
+    from orchestrator.tracking import latest_run
+
     filt = f"tags.`vis4mer.sweep_parent` = '{sweep}'" if sweep else "tags.`vis4mer.sweep_parent` != ''"
-    found = client.search_runs(exp_ids, filter_string=filt, max_results=1, order_by=["attributes.start_time DESC"])
-    return found[0] if found else None
+    parent = latest_run(client, exp_ids, filt)
+    if sweep and parent is None:
+        raise ConfigError(f"sweep {sweep!r}: no parent run in {_where(experiment)} at {tracking_uri}")
+    return parent
 
 
 def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, metric: str | None,
@@ -58,14 +67,11 @@ def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, me
     check_store(tracking_uri)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
-    where = f"experiment {experiment!r}" if experiment else "any experiment"
-    parent = latest_parent(client, exp_ids, sweep)
-    if sweep and parent is None:
-        raise ConfigError(f"sweep {sweep!r}: no parent run in {where} at {tracking_uri}")
+    parent = latest_parent(client, exp_ids, sweep, tracking_uri, experiment)
     filt = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'" if sweep else "tags.`vis4mer.trial_id` != ''"
     runs = client.search_runs(exp_ids, filter_string=filt, max_results=5000)
     if not runs:
-        raise ConfigError(f"no sweep trials{' of ' + repr(sweep) if sweep else ''} in {where} at {tracking_uri}")
+        raise ConfigError(f"no sweep trials{' of ' + repr(sweep) if sweep else ''} in {_where(experiment)} at {tracking_uri}")
     if metric is None:
         metric = parent.data.tags.get("vis4mer.metric") if parent else None
         if metric is None:

@@ -50,10 +50,7 @@ def sweep_runs(tracking_uri: str, experiment: str | None, sweep: str):
     check_store(tracking_uri)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
-    parent = latest_parent(client, exp_ids, sweep)  # running a sweep again makes a new parent run
-    if parent is None:
-        where = f"experiment {experiment!r}" if experiment else "any experiment"
-        raise ConfigError(f"sweep {sweep!r}: no parent run in {where} at {tracking_uri}")
+    parent = latest_parent(client, exp_ids, sweep, tracking_uri, experiment)
     children = client.search_runs([parent.info.experiment_id], max_results=5000,
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return client, parent, children, parent.data.tags.get("vis4mer.metric")

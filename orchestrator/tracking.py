@@ -42,13 +42,17 @@ def _experiment_id(client, cfg: Config, create: bool = True) -> str | None:
     return client.create_experiment(cfg.tracking.experiment) if create else None
 
 
+def latest_run(client, exp_ids: list[str], filter_string: str):
+    """The most recently started run matching `filter_string` (a run or sweep started again has a
+    newer one), or None."""
+    found = client.search_runs(exp_ids, filter_string=filter_string, max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
 def _find_run(client, exp_id: str | None, tag: str, value: str):
     """The run whose `tag` equals `value` (how a resumed run or sweep finds its own again), or None."""
-    if exp_id is None:
-        return None
-    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1,
-                               order_by=["attributes.start_time DESC"])  # the latest, if run again
-    return found[0] if found else None
+    return None if exp_id is None else latest_run(client, [exp_id], f"tags.`{tag}` = '{value}'")
 
 
 def get_or_create_run(cfg: Config, name: str, tags: dict, parent_run_id: str | None = None) -> str:
