@@ -16,6 +16,9 @@ number of training batches (uneven ranks would hang DDP's all-reduce).
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -37,9 +40,39 @@ def read_split(ds: FeatureDataset, split: str, shuffle_files: bool = False, seed
 
     paths = ds.shard_paths(split)
     shuffle = ray.data.FileShuffleConfig(seed=seed) if shuffle_files else None
-    rd = ray.data.read_parquet(paths, filesystem=ds.res.pa, shuffle=shuffle,
-                               override_num_blocks=override_num_blocks)
+    with _env(FOOTER_ACTORS_ENV, str(footer_reader_actors(len(paths)))):
+        rd = ray.data.read_parquet(paths, filesystem=ds.res.pa, shuffle=shuffle,
+                                   override_num_blocks=override_num_blocks)
     return rd.select_columns(COLUMNS)
+
+
+# Ray Data 2.60 lists parquet files by reading their footers on a pool of FooterReader actors,
+# 32 by default, started afresh for every execution (every epoch). Our splits are a handful of
+# manifest-listed shards: 32 new worker processes per epoch cost ~2 s and most of a small machine's
+# CPU. The indexer reads this knob when read_parquet builds it, in this (the driver's) process.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_ACTOR = 50  # each actor reads footers with 128 concurrent I/Os
+
+
+def footer_reader_actors(num_files: int) -> int:
+    """Footer-reader actors for a read of `num_files` shards: Ray's default (32) caps it."""
+    user = os.environ.get(FOOTER_ACTORS_ENV)
+    if user:  # an explicit setting wins
+        return int(user)
+    return max(1, min(32, math.ceil(num_files / FILES_PER_FOOTER_ACTOR)))
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _videos(batch: pa.Table, task: TaskSpec) -> tuple[list[str], list[np.ndarray], list]:

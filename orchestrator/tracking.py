@@ -94,9 +94,14 @@ def log_best_model(cfg: Config, run_id: str, model) -> None:
     import mlflow
     import mlflow.pytorch
 
+    from importlib.metadata import version
+
+    # Stated, not inferred: inference loads the model in a subprocess to see what it imports
+    # (~4 s of CPU at the end of every run) and finds these same packages.
+    reqs = mlflow.pytorch.get_default_pip_requirements() + [f"vis4mer=={version('vis4mer')}"]
     mlflow.set_tracking_uri(tracking_uri(cfg))
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle")
+        mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle", pip_requirements=reqs)
 
 
 def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict, resume: bool = False) -> str:

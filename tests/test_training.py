@@ -139,6 +139,7 @@ def test_two_worker_ddp_equals_one_process(synthetic_dataset, tmp_path, ray_sess
 def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ray_session, mlflow_server,
                                                  s3_server, s3_bucket):
     import mlflow
+    import mlflow.pyfunc
 
     from orchestrator.trainer import load_best_model, run_training
 
@@ -168,7 +169,9 @@ def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ra
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
     assert "config.yaml" in artifacts
     logged = client.search_logged_models(experiment_ids=[run["experiment_id"]])
-    assert any(m.source_run_id == first.run_id for m in logged)  # the best checkpoint as an MLflow model
+    best_logged = next(m for m in logged if m.source_run_id == first.run_id)  # the best checkpoint as an MLflow model
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{best_logged.model_id}")).read_text().split()
+    assert {r.split("==")[0] for r in reqs} >= {"torch", "vis4mer", "cloudpickle"}  # stated, not inferred
     best = load_best_model(load_config(None, args), second.best_uri)
     assert best is not None and sum(p.numel() for p in best.parameters()) > 0
 
