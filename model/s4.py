@@ -162,7 +162,7 @@ class ChannelDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = torch.empty(x.shape[0], 1, x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        return x * keep.div_(1 - self.p)  # scale the (B, 1, H) mask, not the whole (B, L, H) tensor
 
 
 class S4(nn.Module):
@@ -196,7 +196,10 @@ class S4(nn.Module):
         n = fast_fft_length(2 * L)  # zero padding to >= 2L: linear, not circular, convolution
         k = self.conv_kernel(L, n)  # (H, L) or (H, n)
         u_t = u.transpose(1, 2).contiguous()  # (B, H, L); contiguous rows make the FFTs ~1.5x faster
-        y = fft_conv(u_t.float(), k, n).to(u.dtype) + u_t * self.D[:, None]  # (B, H, L)
+        # the D skip is the kernel's lag-0 tap: conv(u, k + D delta) = conv(u, k) + D u, without two
+        # more passes over (B, H, L) each way
+        k = torch.cat([k[:, :1] + self.D[:, None], k[:, 1:]], 1)
+        y = fft_conv(u_t.float(), k, n).to(u.dtype)  # (B, H, L)
         y = F.gelu(y).transpose(1, 2)  # (B, L, H)
         return self.output_linear(self.dropout(y))
 

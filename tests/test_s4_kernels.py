@@ -118,11 +118,13 @@ def test_kernel_diag_matches_recurrence(disc, init, L):
     assert rel_err(got, expected) <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["cauchy", "vandermonde"])
+@pytest.mark.parametrize("kind,real_cauchy", [("cauchy", True), ("cauchy", False), ("vandermonde", False)])
 @pytest.mark.parametrize("H,M,N,G", [(1, 1, 2, 5), (3, 4, 8, 17), (7, 2, 6, 64), (16, 6, 4, 9)])
-def test_chunked_contraction_matches_reference(monkeypatch, kind, H, M, N, G):
-    """The memory-bounded fast path equals its dense twin, values and gradients, over many shapes
-    and chunkings (one channel per chunk up to all of them)."""
+def test_chunked_contraction_matches_reference(monkeypatch, kind, real_cauchy, H, M, N, G):
+    """The memory-bounded fast paths (Cauchy in real and in complex arithmetic, Vandermonde) equal
+    their dense twin, values and gradients, over many shapes and chunkings (one channel per chunk
+    up to all of them)."""
+    monkeypatch.setattr(sk, "REAL_CAUCHY", real_cauchy)
     v = torch.randn(H, M, N, dtype=torch.complex128, requires_grad=True)
     mu = torch.complex(-torch.rand(H, N, dtype=torch.float64) * 0.1,
                        torch.randn(H, N, dtype=torch.float64)).requires_grad_()
@@ -139,8 +141,10 @@ def test_chunked_contraction_matches_reference(monkeypatch, kind, H, M, N, G):
         torch.testing.assert_close(gmu, gmu_ref, rtol=1e-9, atol=1e-9)
 
 
-def test_chunked_contraction_gradcheck(monkeypatch):
+@pytest.mark.parametrize("real_cauchy", [True, False])
+def test_chunked_contraction_gradcheck(monkeypatch, real_cauchy):
     monkeypatch.setattr(sk, "CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(sk, "REAL_CAUCHY", real_cauchy)
     v = torch.randn(3, 2, 4, dtype=torch.complex128, requires_grad=True)
     mu = torch.complex(-torch.rand(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)).requires_grad_()
     for kind, grid in (("cauchy", torch.randn(5, dtype=torch.float64)), ("vandermonde", torch.arange(5.0, dtype=torch.float64))):
