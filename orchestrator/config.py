@@ -8,6 +8,9 @@ it into exit code 2. The resolved config is saved with every run (checkpoints, M
 """
 from __future__ import annotations
 
+import functools
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -133,21 +136,39 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return msg
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    # built once: OmegaConf.structured is ~40% of a load_config, and a sweep validates every trial's
+    # config before Ray starts (OmegaConf.merge copies it, so the cached one is never changed)
+    return OmegaConf.structured(Config)
+
+
+@functools.lru_cache(maxsize=32)
+def _with_file(path: str, mtime_ns: int) -> DictConfig:
+    """The defaults with one YAML file merged in, cached per file version (a sweep loads its base
+    once per trial); the callers merge onto it, which copies it."""
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    return OmegaConf.merge(_schema(), loaded)
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """YAML (optional) + dotlist overrides onto the structured defaults; typed and validated."""
-    schema = OmegaConf.structured(Config)
     try:
-        merged = schema
-        if path is not None:
+        if path is None:
+            merged = _schema()
+        else:
             try:
-                loaded = OmegaConf.load(path)
+                mtime = os.stat(path).st_mtime_ns
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no such config file") from None
-            except Exception as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"{path}: expected a mapping of config sections")
-            merged = OmegaConf.merge(merged, loaded)
+            merged = _with_file(str(path), mtime)
         for o in overrides or []:
             if "=" not in o:
                 raise ConfigError(f"override {o!r}: expected key=value")

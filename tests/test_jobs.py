@@ -31,11 +31,11 @@ def _ray_env() -> dict:
     return env
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -43,13 +43,14 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """Head (2 CPUs, runs the job drivers) + worker node (2 CPUs), each `ray start --block` in its own
-    process group and temp dir; yields the dashboard URL."""
+    """Head (3 CPUs, runs the job drivers) + worker node (3 CPUs), each `ray start --block` in its own
+    process group and temp dir; yields the dashboard URL. Six CPUs hold two two-worker trials at once
+    (each also keeps one CPU for Ray Data)."""
     # short: Ray's unix sockets live under the temp dir, and socket paths are limited to 107 bytes
     root = Path(tempfile.mkdtemp(prefix="v4r-", dir="/tmp"))
     port, dash = free_port(), free_port()
     ray = str(Path(sys.executable).parent / "ray")
-    common = ["--num-cpus", "2", "--object-store-memory", str(256 * 2**20), "--disable-usage-stats", "--block"]
+    common = ["--num-cpus", "3", "--object-store-memory", str(256 * 2**20), "--disable-usage-stats", "--block"]
 
     def own_ports() -> list[str]:
         # every port a node opens at a fixed default (the dashboard agent's 52365, the metrics and
@@ -80,7 +81,7 @@ def ray_cluster(tmp_path_factory):
         while time.monotonic() < deadline:
             out = subprocess.run([ray, "status", "--address", f"127.0.0.1:{port}"], env=_ray_env(),
                                  capture_output=True, text=True, timeout=60)
-            if out.stdout.count("node_") >= 2 or "4.0 CPU" in out.stdout:
+            if out.stdout.count("node_") >= 2 or "6.0 CPU" in out.stdout:
                 break
             assert worker.poll() is None, (root / "worker.log").read_text()[-2000:]
             time.sleep(1)
@@ -89,7 +90,7 @@ def ray_cluster(tmp_path_factory):
         yield f"http://127.0.0.1:{dash}"
     finally:
         for p in reversed(procs):
-            _stop_group(p)
+            _stop_group(p, grace_s=5)  # a throwaway cluster: `ray start --block` took 20 s to exit on SIGTERM
         _kill_leftovers(str(root))
         shutil.rmtree(root, ignore_errors=True)
 
