@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -146,11 +145,10 @@ def _schema() -> DictConfig:
 @functools.lru_cache(maxsize=32)
 def _with_file(path: str, mtime_ns: int) -> DictConfig:
     """The defaults with one YAML file merged in, cached per file version (a sweep loads its base
-    once per trial); the callers merge onto it, which copies it."""
+    once per trial); the callers merge onto it, which copies it. `load_config` has checked that the
+    file exists (its version is the cache key)."""
     try:
         loaded = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
     except Exception as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(loaded, DictConfig):
