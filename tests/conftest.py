@@ -125,7 +125,7 @@ def ray_session():
 
 class MlflowServer:
     """A real `mlflow server` (sqlite backend) on 127.0.0.1, in its own process group; restartable on
-    the same port and store (to take the tracking server away for a while)."""
+    the same port and store. (An outage during training puts a TcpProxy in front of it instead.)"""
 
     def __init__(self, root: Path):
         self.root, self.port, self.proc = root, free_port(), None
