@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,88 @@ def synthetic_dataset(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("data") / "synthetic_order")
     write_synthetic(uri, videos=(16, 8, 8), frames=40, min_frames=32, tokens=2, dim=8, seed=0)
     return uri
+
+
+def listening_sockets() -> dict[tuple[str, int], str]:
+    """Every listening TCP socket in this network namespace, from /proc/net/tcp and tcp6:
+    (ip, port) -> socket inode."""
+    import ipaddress
+
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            raw = bytes.fromhex(addr)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out[(str(ipaddress.ip_address(raw)), int(port, 16))] = fields[9]
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    a = ipaddress.ip_address(ip)
+    return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
+
+
+def socket_owner(inode: str) -> str:
+    """The command line (a Ray worker's is its process title, e.g. "ray::RayTrainWorker") of the
+    process holding socket `inode`, or "" if it is gone."""
+    target = f"socket:[{inode}]"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+    return ""
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    cwd: Path
+    listened: dict  # (ip, port) -> owner, for every socket that started listening while it ran
+    # (the owner's command line is looked up for sockets not on loopback only)
+
+
+@pytest.fixture(scope="session")
+def cli_train_run(synthetic_dataset, tmp_path_factory) -> CliRun:
+    """One `vis4mer train` end to end, as a user runs it: its own local Ray, the embedded MLflow
+    store in its working dir. Shared by the test of what it prints and records and the test of what
+    it listens on (a local Ray costs ~15 s here: one, not two). While it runs, the listening sockets
+    of this network namespace are sampled every 0.25 s."""
+    import threading
+
+    cwd = tmp_path_factory.mktemp("cli_train")
+    args = [f"data.uri={synthetic_dataset}", f"run.storage_path={cwd}/runs", "model.d_model=16", "model.n_layers=2",
+            "model.d_state=8", "model.dropout=0.0", "data.batch_size=16", "data.eval_batch_size=16",
+            "train.epochs=1", "train.seed=3", "schedule.kind=constant", "optim.lr=0.01", "data.shuffle_files=false",
+            "run.name=cli"]
+    root = Path(__file__).resolve().parents[1]
+    before = set(listening_sockets())
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train",
+                             str(root / "sweeps" / "train_synthetic.yaml"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True)
+    out: dict = {}
+    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())), daemon=True)
+    reader.start()
+    listened: dict = {}
+    deadline = time.monotonic() + 400
+    while reader.is_alive() and time.monotonic() < deadline:
+        for sock, inode in listening_sockets().items():
+            if sock not in before and sock not in listened:
+                listened[sock] = "" if is_loopback(sock[0]) else socket_owner(inode)
+        time.sleep(0.25)
+    if reader.is_alive():
+        os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(30)
+        raise TimeoutError("vis4mer train ran for more than 400 s")
+    return CliRun(proc.returncode, out["stdout"], out["stderr"], cwd, listened)

@@ -176,15 +176,13 @@ def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ra
     assert best is not None and sum(p.numel() for p in best.parameters()) > 0
 
 
-def test_cli_train_prints_progress_run_id_and_final_metrics(synthetic_dataset, tmp_path):
+def test_cli_train_prints_progress_run_id_and_final_metrics(cli_train_run):
     """`vis4mer train` end to end: its own local Ray, the embedded MLflow store in the working dir."""
-    args = [a for a in tiny(synthetic_dataset, tmp_path, "train.epochs=1", "run.name=cli") if not a.startswith("tracking.")]
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(ROOT / "sweeps" / "train_synthetic.yaml"),
-                          *args], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    out = cli_train_run
     assert out.returncode == 0, out.stderr[-3000:]
     assert "epoch 1/1" in out.stdout + out.stderr  # the controller's progress line
     run_id = next(l.split(": ")[1] for l in out.stdout.splitlines() if l.startswith("mlflow run id: "))
     assert "final metrics: {'epoch': 0" in out.stdout
     import mlflow
-    run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    run = mlflow.tracking.MlflowClient(f"sqlite:///{out.cwd}/mlflow.db").get_run(run_id)
     assert run.info.status == "FINISHED" and "val_top1" in run.data.metrics
