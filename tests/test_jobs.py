@@ -90,7 +90,8 @@ def ray_cluster(tmp_path_factory):
         yield f"http://127.0.0.1:{dash}"
     finally:
         for p in reversed(procs):
-            _stop_group(p, grace_s=5)  # a throwaway cluster: `ray start --block` took 20 s to exit on SIGTERM
+            _stop_group(p, grace_s=1)  # a throwaway cluster: `ray start --block` took 20 s to exit on SIGTERM,
+            # and _kill_leftovers below SIGKILLs whatever of it is still there
         _kill_leftovers(str(root))
         shutil.rmtree(root, ignore_errors=True)
 
