@@ -151,8 +151,11 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
         before = checkpoints()
         tracking_proxy.down()
         events.append("mlflow down")
-        while time.monotonic() < deadline and checkpoints() <= before:
-            time.sleep(0.2)  # until an epoch has ended (it logs before it checkpoints) without the server
+        # An epoch logs, then checkpoints. The first new checkpoint may be an epoch's that logged just
+        # before the cut; the next epoch logged after that checkpoint was written, so during the cut:
+        # wait for its checkpoint too (train.keep_last=2 keeps both)
+        while time.monotonic() < deadline and len(checkpoints() - before) < 2:
+            time.sleep(0.2)
         tracking_proxy.up()
         events.append("mlflow up")
 
