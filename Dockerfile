@@ -23,12 +23,13 @@ WORKDIR /home/ray/vis4mer
 # torch first, from PyTorch's CUDA index (its layer is cached while the project changes)
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
 
-# The project (see .dockerignore: no .git, virtualenvs, data, MLflow stores, runs or checkpoints);
-# sweeps/ stays here, where the RayJob's entrypoint finds it. Ray is the base image's 2.60.0, which
-# constraints.txt also pins; torch stays the CUDA build installed above.
+# The project (see .dockerignore: no .git, virtualenvs, data, MLflow stores, runs or checkpoints),
+# installed in place (editable) as vis4mer.model, vis4mer.datasets and vis4mer.orchestrator: the
+# code stays beside sweeps/ and deploy/, where the RayJob's entrypoint and `vis4mer demo` find them.
+# Ray is the base image's 2.60.0, which constraints.txt also pins; torch stays the CUDA build above.
 COPY --chown=ray:users . .
 RUN grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
- && pip install . -c /tmp/constraints.txt \
+ && pip install -e . -c /tmp/constraints.txt \
  && rm -rf build /tmp/constraints.txt \
  && vis4mer models
 

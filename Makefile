@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install bytecode demo test bench clean
+.PHONY: install bytecode lint demo test bench clean
 
 install: $(STAMP)
 
@@ -27,11 +27,14 @@ bytecode:
 demo: install bytecode
 	$(VENV)/bin/vis4mer demo
 
-test: install bytecode
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install bytecode lint
 	timeout 2700 $(PY) -m pytest -q --durations=15
 
 bench: install
 	$(PY) benchmarks/model_efficiency.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache mlruns mlflow.db
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache mlruns mlflow.db

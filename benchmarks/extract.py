@@ -32,9 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.encoders import VIT_ARCHS, Encoder, EncoderSpec, vit_flops_per_frame  # noqa: E402
-from datasets.video import Sampling, iter_chunks  # noqa: E402
-from datasets.storage import filesystems  # noqa: E402
+from vis4mer.datasets.encoders import VIT_ARCHS, Encoder, EncoderSpec, vit_flops_per_frame  # noqa: E402
+from vis4mer.datasets.storage import filesystems  # noqa: E402
+from vis4mer.datasets.video import Sampling, iter_chunks  # noqa: E402
 
 
 def write_clip(path: str, seconds: int, fps: int, w: int, h: int) -> None:

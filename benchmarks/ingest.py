@@ -27,10 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.format import DatasetWriter, open_dataset, video_features  # noqa: E402
-from datasets.storage import StorageOptions  # noqa: E402
-from datasets.tasks import get_task  # noqa: E402
-from datasets.windows import example_rng, train_example  # noqa: E402
+from vis4mer.datasets.format import DatasetWriter, open_dataset, video_features  # noqa: E402
+from vis4mer.datasets.storage import StorageOptions  # noqa: E402
+from vis4mer.datasets.tasks import get_task  # noqa: E402
+from vis4mer.datasets.windows import example_rng, train_example  # noqa: E402
 
 
 def write_lvu_shaped(uri: str, n: int, storage: StorageOptions | None, seed: int = 0) -> None:
@@ -61,7 +61,7 @@ def plain_epoch(ds, epoch: int) -> int:
 
 
 def ray_epoch(ds, epoch: int) -> int:
-    from datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.pipeline import read_split, train_batches
 
     return sum(b["x"].shape[0] for b in train_batches(read_split(ds, "train"), ds.task, batch_size=4, seed=0,
                                                          epoch=epoch, drop_last=False))
@@ -122,14 +122,16 @@ def main() -> None:
         ray.shutdown()
         server.stop()
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "ingest.json").write_text(json.dumps({"videos": a.videos, "epochs": a.epochs, "results": results}, indent=2))
+    (a.out / "ingest.json").write_text(json.dumps({"videos": a.videos, "epochs": a.epochs, "results": results},
+                                                  indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(results)
     for i, impl in enumerate(("plain", "ray-data")):
-        ax.bar([j + 0.38 * i for j in range(len(names))], [results[n][impl]["clips_per_s"] for n in names], 0.38, label=impl)
+        ax.bar([j + 0.38 * i for j in range(len(names))], [results[n][impl]["clips_per_s"] for n in names], 0.38,
+               label=impl)
     ax.set_xticks([j + 0.19 for j in range(len(names))], names)
     ax.set(ylabel="60-s LVU clips / s", title="ingest: Ray Data vs plain pyarrow")
     ax.legend()

@@ -44,7 +44,7 @@ def child(args) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from model import SelfAttentionBaseline, ViS4mer, ViS4merConfig
+    from vis4mer.model import SelfAttentionBaseline, ViS4mer, ViS4merConfig
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and args.max_mem:
@@ -82,7 +82,8 @@ def child(args) -> None:
 
 def run_one(model: str, length: int, a) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--length", str(length),
-           "--device", a.device, "--repeats", str(a.repeats), "--max-mem", str(a.max_mem)] + (["--bf16"] if a.bf16 else [])
+           "--device", a.device, "--repeats", str(a.repeats), "--max-mem", str(a.max_mem),
+           *(["--bf16"] if a.bf16 else [])]
     limit = int(a.max_mem * 2**30)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     over = False
@@ -162,7 +163,8 @@ def main() -> None:
             r = {"model": model, "length": length, **run_one(model, length, a)}
             results.append(r)
             print(f"  {model:16s} L={length:6d}  {r['status']}"
-                  + (f"  {r['time_s']:.2f} s  {r['peak_bytes'] / 2**30:.2f} GiB" if r["status"] == "ok" else ""), flush=True)
+                  + (f"  {r['time_s']:.2f} s  {r['peak_bytes'] / 2**30:.2f} GiB" if r["status"] == "ok" else ""),
+                  flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     tag = f"{a.device}{'-bf16' if a.bf16 else ''}"
     lines = [f"device={a.device} bf16={a.bf16} batch=1 d_model=1024; ratios are against ViS4mer at the same length",

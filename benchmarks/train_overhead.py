@@ -30,10 +30,11 @@ def plain_run(uri: str, cfg, epochs: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from datasets.format import open_dataset, video_features
-    from datasets.windows import example_rng, train_example
-    from model import ViS4mer, param_groups
-    from orchestrator.train_loop import loss_fn, model_config
+    from vis4mer.datasets.format import open_dataset, video_features
+    from vis4mer.datasets.windows import example_rng, train_example
+    from vis4mer.model import ViS4mer, param_groups
+    from vis4mer.orchestrator.train.config import model_config
+    from vis4mer.orchestrator.train.worker import loss_fn
 
     t_start = time.perf_counter()
     ds = open_dataset(uri)
@@ -41,10 +42,10 @@ def plain_run(uri: str, cfg, epochs: int) -> dict:
     videos = []
     for s in ds.shards("train"):
         t = pq.read_table(os.path.join(uri, s["path"]), columns=["video_id", "label", "features"])
-        videos += list(zip(t.column("video_id").to_pylist(), video_features(t.column("features"), task.tokens_per_frame,
-                                                                              task.feature_dim), t.column("label").to_pylist()))
+        feats = video_features(t.column("features"), task.tokens_per_frame, task.feature_dim)
+        videos += list(zip(t.column("video_id").to_pylist(), feats, t.column("label").to_pylist()))
     torch.manual_seed(cfg.train.seed)
-    model = ViS4mer(model_config(cfg, task)).train()
+    model = ViS4mer(model_config(cfg.model, task)).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.ssm_lr))
     B = cfg.data.batch_size
     times = []
@@ -53,8 +54,8 @@ def plain_run(uri: str, cfg, epochs: int) -> dict:
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(videos))
         for i in range(0, len(order) - B + 1, B):
             idx = order[i : i + B]
-            x = torch.from_numpy(np.stack([train_example(videos[j][1], task, example_rng(cfg.train.seed, epoch, videos[j][0]))
-                                           for j in idx])).float()
+            windows = [train_example(videos[j][1], task, example_rng(cfg.train.seed, epoch, videos[j][0])) for j in idx]
+            x = torch.from_numpy(np.stack(windows)).float()
             y = torch.tensor([videos[j][2] for j in idx])
             loss = loss_fn(model(x), y, task)
             opt.zero_grad(set_to_none=True)
@@ -65,13 +66,14 @@ def plain_run(uri: str, cfg, epochs: int) -> dict:
 
 
 def ray_run(cfg) -> dict:
-    from orchestrator.trainer import init_ray, run_training
+    from vis4mer.orchestrator.train.driver import init_ray, run_training
 
     t0 = time.perf_counter()
     init_ray()
     out = run_training(cfg)
     wall = time.perf_counter() - t0
-    per_epoch = sorted((m["epoch"], m["epoch_time_s"]) for _, m in out.result.best_checkpoints)  # a checkpoint each epoch
+    # a checkpoint each epoch
+    per_epoch = sorted((m["epoch"], m["epoch_time_s"]) for _, m in out.result.best_checkpoints)
     return {"epoch_times_s": [t for _, t in per_epoch], "wall_s": wall}
 
 
@@ -90,29 +92,33 @@ def main() -> None:
     a = p.parse_args()
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
 
-    from datasets.synthetic import write_synthetic
-    from orchestrator.config import load_config
+    from vis4mer.datasets.synthetic import write_synthetic
+    from vis4mer.orchestrator.train.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"{tmp}/data"
         write_synthetic(uri, videos=(a.videos, 8, 8), frames=a.frames, min_frames=a.frames, tokens=a.tokens, dim=a.dim)
-        cfg = load_config(None, [f"data.uri={uri}", f"run.storage_path={tmp}/runs", "run.name=overhead",
-                                 f"model.d_model={a.d_model}", "model.n_layers=3", "model.d_state=64", "model.dropout=0.0",
-                                 "data.batch_size=16", f"train.epochs={a.epochs}", "train.eval_every=1000",
-                                 "train.checkpoint_every=1", f"train.keep_last={a.epochs}", "schedule.kind=constant", "tracking.enabled=false",
-                                 "data.eval_splits=[val]", "data.shuffle_files=false", f"scaling.cpus_per_worker={a.cpus}",
-                                 f"data.cache={str(a.cache).lower()}"])
+        cfg = load_config(None, [
+            f"data.uri={uri}", f"run.storage_path={tmp}/runs", "run.name=overhead", f"model.d_model={a.d_model}",
+            "model.n_layers=3", "model.d_state=64", "model.dropout=0.0", "data.batch_size=16",
+            f"train.epochs={a.epochs}", "train.eval_every=1000", "train.checkpoint_every=1",
+            f"train.keep_last={a.epochs}", "schedule.kind=constant", "tracking.enabled=false", "data.eval_splits=[val]",
+            "data.shuffle_files=false", f"scaling.cpus_per_worker={a.cpus}", f"data.cache={str(a.cache).lower()}"])
         import torch
         torch.set_num_threads(int(a.cpus))  # the plain loop gets the threads the Ray worker gets
         plain = plain_run(uri, cfg, a.epochs)
-        print(f"plain      epochs {[round(t, 2) for t in plain['epoch_times_s']]} s, wall {plain['wall_s']:.1f} s", flush=True)
+        print(f"plain      epochs {[round(t, 2) for t in plain['epoch_times_s']]} s, wall {plain['wall_s']:.1f} s",
+              flush=True)
         rayr = ray_run(cfg)
-        print(f"ray-train  epochs {[round(t, 2) for t in rayr['epoch_times_s']]} s, wall {rayr['wall_s']:.1f} s", flush=True)
+        print(f"ray-train  epochs {[round(t, 2) for t in rayr['epoch_times_s']]} s, wall {rayr['wall_s']:.1f} s",
+              flush=True)
     steady = lambda r: statistics.median(r["epoch_times_s"][1:] or r["epoch_times_s"])  # noqa: E731
     result = {"config": vars(a) | {"out": str(a.out)}, "plain": plain, "ray_train": rayr,
               "epoch_ratio": steady(rayr) / steady(plain), "wall_ratio": rayr["wall_s"] / plain["wall_s"]}
-    print(f"\nsteady-state epoch: ray-train {steady(rayr):.2f} s vs plain {steady(plain):.2f} s -> {result['epoch_ratio']:.2f}x")
-    print(f"whole run (incl. start-up, {a.epochs} epochs): {rayr['wall_s']:.1f} s vs {plain['wall_s']:.1f} s -> {result['wall_ratio']:.2f}x")
+    print(f"\nsteady-state epoch: ray-train {steady(rayr):.2f} s vs plain {steady(plain):.2f} s "
+          f"-> {result['epoch_ratio']:.2f}x")
+    print(f"whole run (incl. start-up, {a.epochs} epochs): {rayr['wall_s']:.1f} s vs {plain['wall_s']:.1f} s "
+          f"-> {result['wall_ratio']:.2f}x")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "train_overhead.json").write_text(json.dumps(result, indent=2, default=str))
     import matplotlib
@@ -121,7 +127,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, r in (("plain", plain), ("ray-train", rayr)):
         ax.plot(range(1, len(r["epoch_times_s"]) + 1), r["epoch_times_s"], "o-", label=name)
-    ax.set(xlabel="epoch", ylabel="epoch time (s)", title=f"Ray Train overhead: {result['epoch_ratio']:.2f}x steady state")
+    ax.set(xlabel="epoch", ylabel="epoch time (s)",
+           title=f"Ray Train overhead: {result['epoch_ratio']:.2f}x steady state")
     ax.legend()
     fig.tight_layout()
     fig.savefig(a.out / "train_overhead.png", dpi=120)

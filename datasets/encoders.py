@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vis4mer.datasets.errors import UserError
+
 EXTRACTORS = ("vit", "swin")
 PREPROCESSING = ("released", "model")
 IGNORED_PREFIXES = ("head.", "pre_logits.", "fc_norm.")
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError):
     """Bad weights, an impossible option, a missing dependency: one line (CLI exit 2)."""
 
 
@@ -207,7 +209,8 @@ def _check_keys(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> di
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         parts = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
-                ([f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"] if unexpected else [])
+                ([f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"]
+                 if unexpected else [])
         raise EncoderError(f"{where}: keys do not match the encoder ({'; '.join(parts)})")
     for k, v in own.items():
         if sd[k].shape != v.shape:

@@ -27,19 +27,19 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from datasets.encoders import EncoderError, EncoderSpec, check_weights, load_state_dict, weights_info
-from datasets.format import (MANIFEST, SPLITS, DatasetError, DatasetWriter, Manifest, check_label,
-                             open_dataset)
-from datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
-from datasets.tasks import TaskSpec, get_task
-from datasets.video import Sampling, VideoFile, list_videos
+from vis4mer.datasets.encoders import EncoderError, EncoderSpec, check_weights, load_state_dict, weights_info
+from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.format import MANIFEST, SPLITS, DatasetError, DatasetWriter, Manifest, check_label, open_dataset
+from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
+from vis4mer.datasets.tasks import TaskSpec, get_task
+from vis4mer.datasets.video import Sampling, VideoFile, list_videos
 
 FAILURES = "failures.json"
 PARTS = "parts"
@@ -231,7 +231,7 @@ def _decode_batch(batch: dict, videos_uri: str, storage: StorageOptions | None, 
                   chunk_items: int):
     """One video -> rows of frame chunks (uint8 bytes); `last` marks the final one; a video that
     fails gives one row with its `error` (earlier chunks of it are then dropped by the driver)."""
-    from datasets.video import VideoError, iter_chunks
+    from vis4mer.datasets.video import VideoError, iter_chunks
 
     res = filesystems(videos_uri, storage)
     for vid, path in zip(batch["video_id"], batch["path"]):
@@ -239,7 +239,7 @@ def _decode_batch(batch: dict, videos_uri: str, storage: StorageOptions | None, 
         held, index = None, 0
         t0 = time.perf_counter()
 
-        def row(chunk: int, last: bool, frames: np.ndarray | None, error: str = "") -> dict:
+        def row(chunk: int, last: bool, frames: np.ndarray | None, error: str = "", vid=vid, t0=t0) -> dict:
             data = np.empty(1, dtype=object)
             data[0] = b"" if frames is None else frames.tobytes()
             return {"video_id": np.array([vid]), "chunk": np.array([chunk], np.int64), "last": np.array([last]),
@@ -268,7 +268,7 @@ class _Encode:
         import ray
         import torch
 
-        from datasets.encoders import Encoder
+        from vis4mer.datasets.encoders import Encoder
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
@@ -306,7 +306,8 @@ class _Assembler:
         self.last: dict[str, int] = {}
 
     def add(self, vid: str, chunk: int, last: bool, features: bytes, items: int) -> np.ndarray | None:
-        self.chunks.setdefault(vid, {})[chunk] = np.frombuffer(features, np.float16).reshape(items, self.tokens, self.dim)
+        frames = np.frombuffer(features, np.float16).reshape(items, self.tokens, self.dim)
+        self.chunks.setdefault(vid, {})[chunk] = frames
         if last:
             self.last[vid] = chunk
         if vid in self.last and len(self.chunks[vid]) == self.last[vid] + 1:
@@ -360,7 +361,7 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print,
     spec = cfg.spec
     spec.validate()
     if cfg.batch_frames < 1 or cfg.decode_tasks < 1 or (cfg.concurrency is not None and cfg.concurrency < 1):
-        raise ValueError("batch_frames, decode_tasks and concurrency must be >= 1")
+        raise UserError("batch_frames, decode_tasks and concurrency: expected >= 1")
     # every check before anything is written or deleted
     if cfg.weights is None and not cfg.random_init:
         raise EncoderError("--weights PATH is required: a local state-dict file (.pth/.safetensors) of the "
@@ -437,7 +438,8 @@ def _run(cfg, todo: list[VideoFile], labels, videos_res, out, task, extractor, s
     resources = {"num_gpus": 1} if gpus else {"num_cpus": cfg.actor_cpus}
     weights = [ray.put(sd)] if sd is not None else []
     ds = ray.data.from_items([{"video_id": v.video_id, "path": v.path} for v in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(_decode_batch, batch_size=1, compute=TaskPoolStrategy(size=min(cfg.decode_tasks, len(todo))), num_cpus=1,
+    ds = ds.map_batches(_decode_batch, batch_size=1, compute=TaskPoolStrategy(size=min(cfg.decode_tasks, len(todo))),
+                        num_cpus=1,
                         fn_kwargs=dict(videos_uri=videos_res.uri(), storage=cfg.storage, sampling=sampling,
                                        chunk_items=chunk_items))
     ds = ds.map_batches(_Encode, batch_size=1, compute=ActorPoolStrategy(size=actors), **resources,
@@ -445,7 +447,8 @@ def _run(cfg, todo: list[VideoFile], labels, videos_res, out, task, extractor, s
                                                    seed=cfg.seed, batch=chunk_items, sampling=sampling,
                                                    threads=int(cfg.actor_cpus)))
     log(f"extract: {actors} encoder actor(s) on {'1 GPU' if gpus else f'{cfg.actor_cpus:g} CPU'} each, "
-        f"{min(cfg.decode_tasks, len(todo))} decode task(s), {chunk_items} {'frames' if sampling.mode == 'fps' else 'segments'} per batch")
+        f"{min(cfg.decode_tasks, len(todo))} decode task(s), {chunk_items} "
+        f"{'frames' if sampling.mode == 'fps' else 'segments'} per batch")
     per_item = 1 if sampling.mode == "fps" else sampling.segment
     asm = _Assembler(spec.tokens, spec.dim)
     pending: list[tuple] = []

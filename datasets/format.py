@@ -29,15 +29,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
-from datasets.tasks import TaskSpec
+from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
+from vis4mer.datasets.tasks import TaskSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """Bad or inconsistent data: one line naming the file, URI or video and what was expected."""
 
 
@@ -52,7 +53,8 @@ def features_to_arrow(videos: list[np.ndarray], tokens: int, dim: int) -> pa.Arr
     """[(frames, tokens, dim)] -> list<fixed_size_list<halffloat>> without per-element Python work."""
     offsets = np.zeros(len(videos) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum([v.shape[0] for v in videos])
-    flat = np.concatenate([np.ascontiguousarray(v, dtype=np.float16).reshape(-1) for v in videos]) if videos else np.zeros(0, np.float16)
+    flat = (np.concatenate([np.ascontiguousarray(v, dtype=np.float16).reshape(-1) for v in videos]) if videos
+            else np.zeros(0, np.float16))
     frames = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), tokens * dim)
     return pa.ListArray.from_arrays(pa.array(offsets), frames)
 
@@ -98,7 +100,7 @@ class Manifest:
         }, indent=2)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
+    def from_json(cls, text: str, where: str) -> Manifest:
         try:
             d = json.loads(text)
             if d.get("format_version") != FORMAT_VERSION:
@@ -244,7 +246,7 @@ class DatasetWriter:
             except Exception:
                 pass
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -329,11 +331,13 @@ def open_dataset(uri: str, storage: StorageOptions | None = None, check_schema: 
                     schema = meta.schema.to_arrow_schema()
                     rows = meta.num_rows
             except Exception as e:
-                raise DatasetError(f"shard {name}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+                reason = str(e).splitlines()[0][:200]
+                raise DatasetError(f"shard {name}: not a readable parquet file ({reason})") from None
             if not schema.equals(expected):
                 got = schema.field("features").type if "features" in schema.names else "no features column"
                 raise DatasetError(f"shard {name}: schema {got}: expected {expected.field('features').type} "
-                                   f"(tokens_per_frame={manifest.tokens_per_frame}, feature_dim={manifest.feature_dim}) "
+                                   f"(tokens_per_frame={manifest.tokens_per_frame}, "
+                                   f"feature_dim={manifest.feature_dim}) "
                                    f"and label {expected.field('label').type}")
             if rows != s["rows"]:
                 raise DatasetError(f"shard {name}: {rows} rows: expected {s['rows']} (manifest)")

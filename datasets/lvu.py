@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datasets.format import DatasetError, DatasetWriter, Manifest
-from datasets.storage import StorageOptions, filesystems
-from datasets.tasks import LIKE_RATIO_SHIFT, LVU_TASKS, VIEW_COUNT_SHIFT, get_task
+from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.format import DatasetError, DatasetWriter, Manifest
+from vis4mer.datasets.storage import StorageOptions, filesystems
+from vis4mer.datasets.tasks import LIKE_RATIO_SHIFT, LVU_TASKS, VIEW_COUNT_SHIFT, get_task
 
 
 @dataclass
@@ -29,7 +30,7 @@ class LabelRow:
 
 def parse_labels(text: str, task: str, where: str = "labels") -> list[LabelRow]:
     if task not in LVU_TASKS:
-        raise ValueError(f"LVU task {task!r}: expected one of {', '.join(LVU_TASKS)}")
+        raise UserError(f"LVU task {task!r}: expected one of {', '.join(LVU_TASKS)}")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DatasetError(f"{where}: empty label file")
@@ -67,7 +68,7 @@ def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
                storage: StorageOptions | None = None, shard_bytes: int = 512 * 2**20,
                overwrite: bool = False) -> tuple[Manifest, ImportReport]:
     if task not in LVU_TASKS:
-        raise ValueError(f"LVU task {task!r}: expected one of {', '.join(LVU_TASKS)}")
+        raise UserError(f"LVU task {task!r}: expected one of {', '.join(LVU_TASKS)}")
     spec = get_task(f"lvu_{task}")
     labels = filesystems(labels_dir, storage)
     feats = filesystems(features_uri, storage)
@@ -94,7 +95,8 @@ def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
                 except ValueError as e:
                     raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: not a readable .npy ({e})") from None
                 if x.ndim != 3 or x.shape[1:] != (197, 1024):
-                    raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: shape {x.shape}: expected (frames, 197, 1024)")
+                    raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: shape {x.shape}: "
+                                       "expected (frames, 197, 1024)")
                 w.add(row.youtube_id, x.astype(np.float16), row.label, split)
                 report.written[split] = report.written.get(split, 0) + 1
     return w.manifest, report

@@ -24,9 +24,9 @@ import pyarrow as pa
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from datasets.format import DatasetError, FeatureDataset, check_label, video_features
-from datasets.tasks import TaskSpec
-from datasets.windows import eval_examples, example_rng, train_example
+from vis4mer.datasets.format import DatasetError, FeatureDataset, check_label, video_features
+from vis4mer.datasets.tasks import TaskSpec
+from vis4mer.datasets.windows import eval_examples, example_rng, train_example
 
 COLUMNS = ["video_id", "label", "features"]
 

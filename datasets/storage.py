@@ -18,8 +18,10 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
+from vis4mer.datasets.errors import UserError
 
-class StorageError(Exception):
+
+class StorageError(UserError):
     """A URI or storage setting that cannot work: one line naming the URI and what was expected."""
 
 
@@ -98,7 +100,7 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         return RetryingS3FileSystem._rebuild, (self._vis4mer_kwargs,)
 
     @staticmethod
-    def _rebuild(kwargs: dict) -> "RetryingS3FileSystem":
+    def _rebuild(kwargs: dict) -> RetryingS3FileSystem:
         return RetryingS3FileSystem(**kwargs)
 
 
@@ -154,7 +156,8 @@ def describe_error(uri: str, e: BaseException) -> str:
         return f"{uri}: access denied: check the credentials (environment or profile) for this bucket"
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return f"{uri}: the bucket does not exist"
-    if isinstance(e, FileNotFoundError) or "nosuchkey" in low or "notfound" in low or "not found" in low or "path does not exist" in low:
+    if isinstance(e, FileNotFoundError) or any(w in low for w in ("nosuchkey", "notfound", "not found",
+                                                                  "path does not exist")):
         return f"{uri}: not found"
     if "could not connect" in low or "connection refused" in low or "timed out" in low or "curl" in low:
         return f"{uri}: cannot reach the storage endpoint ({text.splitlines()[0][:200]})"

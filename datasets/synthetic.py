@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasets.format import DatasetWriter, Manifest
-from datasets.storage import StorageOptions
-from datasets.tasks import get_task
+from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.format import DatasetWriter, Manifest
+from vis4mer.datasets.storage import StorageOptions
+from vis4mer.datasets.tasks import get_task
 
 EVENT_LEN = 4
 MIN_GAP = 0.25
@@ -25,7 +26,7 @@ _PATTERNS = np.random.default_rng(12345).standard_normal((2, EVENT_LEN, 4096)).a
 def _positions(rng: np.random.Generator, length: int) -> tuple[int, int]:
     gap = int(MIN_GAP * length)
     if length < 2 * EVENT_LEN + gap + 1:
-        raise ValueError(f"length={length} is too short for two events of {EVENT_LEN} steps "
+        raise UserError(f"length={length} is too short for two events of {EVENT_LEN} steps "
                          f"at least {MIN_GAP:.0%} of the clip apart")
     first = int(rng.integers(0, length - 2 * EVENT_LEN - gap))
     second = int(rng.integers(first + EVENT_LEN + gap, length - EVENT_LEN + 1))
@@ -35,7 +36,7 @@ def _positions(rng: np.random.Generator, length: int) -> tuple[int, int]:
 def order_clip(rng: np.random.Generator, length: int, dim: int, noise: float = 1.0) -> tuple[np.ndarray, int]:
     """(length, dim) float32 and its label: 1 when pattern a comes first."""
     if dim > _PATTERNS.shape[-1]:
-        raise ValueError(f"dim={dim}: expected <= {_PATTERNS.shape[-1]}")
+        raise UserError(f"dim={dim}: expected <= {_PATTERNS.shape[-1]}")
     x = rng.standard_normal((length, dim)).astype(np.float32) * noise
     first, second = _positions(rng, length)
     label = int(rng.integers(0, 2))
@@ -72,10 +73,10 @@ def write_synthetic(uri: str, task: str = "synthetic_order", videos: tuple[int, 
     holds both events."""
     make = {"synthetic_order": order_clip, "synthetic_gap": gap_clip}
     if task not in make:
-        raise ValueError(f"task {task!r}: expected one of {', '.join(make)}")
+        raise UserError(f"task {task!r}: expected one of {', '.join(make)}")
     min_frames = min_frames or max(1, (3 * frames) // 4)
     if not 1 <= min_frames <= frames:
-        raise ValueError(f"min_frames={min_frames}: expected 1 <= min_frames <= frames={frames}")
+        raise UserError(f"min_frames={min_frames}: expected 1 <= min_frames <= frames={frames}")
     spec = get_task(task, tokens_per_frame=tokens, feature_dim=dim, window_frames=frames, eval_stride=frames)
     rng = np.random.default_rng(seed)
     extractor = {"name": "synthetic", "task": task, "seed": seed, "preprocessing": "none",

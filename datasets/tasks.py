@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from vis4mer.datasets.errors import UserError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -36,21 +38,21 @@ class TaskSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TaskSpec":
+    def from_dict(cls, d: dict) -> TaskSpec:
         return cls(**d)
 
     def validate(self) -> None:
         if self.type not in ("classification", "regression"):
-            raise ValueError(f"task {self.name}: type {self.type!r}: expected classification or regression")
+            raise UserError(f"task {self.name}: type {self.type!r}: expected classification or regression")
         if self.type == "classification" and self.num_classes < 2:
-            raise ValueError(f"task {self.name}: num_classes {self.num_classes}: expected >= 2")
+            raise UserError(f"task {self.name}: num_classes {self.num_classes}: expected >= 2")
         if self.train_sampling not in ("random_window", "random_segments"):
-            raise ValueError(f"task {self.name}: train_sampling {self.train_sampling!r}")
+            raise UserError(f"task {self.name}: train_sampling {self.train_sampling!r}")
         if self.eval_sampling not in ("sliding", "even_segments"):
-            raise ValueError(f"task {self.name}: eval_sampling {self.eval_sampling!r}")
+            raise UserError(f"task {self.name}: eval_sampling {self.eval_sampling!r}")
         for f in ("tokens_per_frame", "window_frames", "eval_stride", "feature_dim"):
             if getattr(self, f) < 1:
-                raise ValueError(f"task {self.name}: {f}={getattr(self, f)}: expected >= 1")
+                raise UserError(f"task {self.name}: {f}={getattr(self, f)}: expected >= 1")
 
 
 def _lvu(name: str, kind: str, classes: int, transform: str | None = None) -> TaskSpec:
@@ -92,7 +94,14 @@ LVU_TASKS = [n[len("lvu_"):] for n in TASKS if n.startswith("lvu_")]
 
 def get_task(name: str, **overrides) -> TaskSpec:
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
+        raise UserError(f"unknown task {name!r}: expected one of {', '.join(sorted(TASKS))}")
     task = replace(TASKS[name], **overrides)
     task.validate()
     return task
+
+
+def metric_mode(metric: str) -> str:
+    """"max" when a larger value is better (accuracies: `top1`, `val_top1`, `train_acc`), else "min"
+    (losses, MSE). Every ranking of runs and trials (the plateau schedule, the best checkpoint, Tune,
+    `vis4mer best`) asks here."""
+    return "max" if metric.endswith(("top1", "acc")) else "min"

@@ -17,13 +17,13 @@ memory whole.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from datasets.format import DatasetError
-from datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
+from vis4mer.datasets.format import DatasetError
+from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
 FRAME_SIZE = 224

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from datasets.tasks import TaskSpec
+from vis4mer.datasets.tasks import TaskSpec
 
 
 def example_rng(seed: int, epoch: int, video_id: str) -> np.random.Generator:
@@ -77,7 +77,7 @@ class VideoAggregator:
             self.counts[vid] = self.counts.get(vid, 0) + 1
             self.labels[vid] = y
 
-    def merge(self, other: "VideoAggregator") -> None:
+    def merge(self, other: VideoAggregator) -> None:
         for vid, s in other.sums.items():
             self.sums[vid] = self.sums.get(vid, 0) + s
             self.counts[vid] = self.counts.get(vid, 0) + other.counts[vid]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.vis4mer import ViS4mer, ViS4merConfig
+from vis4mer.model.vis4mer import ViS4mer, ViS4merConfig
 
 
 class SelfAttention(nn.Module):

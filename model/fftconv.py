@@ -11,7 +11,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fast_fft_length(n: int) -> int:
     """Smallest m >= n whose only prime factors are 2, 3 and 5."""
     m = n

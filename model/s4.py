@@ -17,20 +17,17 @@ state-spaces/s4; `model.optim.param_groups` turns them into AdamW groups.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.fftconv import fast_fft_length, fft_conv
-from model.hippo import legs_nplr, s4d_init
-from model.s4_kernels import discretize_diag, kernel_diag, kernel_nplr
+from vis4mer.model.config import S4Config
+from vis4mer.model.fftconv import fast_fft_length, fft_conv
+from vis4mer.model.hippo import legs_nplr, s4d_init
+from vis4mer.model.s4_kernels import discretize_diag, kernel_diag, kernel_nplr
 
 __all__ = ["S4", "S4Config", "kernel_nplr", "kernel_diag", "ChannelDropout"]
-
-SSM_LR = 1e-3  # the released recipe: SSM parameters at lr 1e-3, no weight decay
-
 
 def _hint(p: nn.Parameter, lr: float | None) -> nn.Parameter:
     p._optim = {"weight_decay": 0.0} | ({"lr": lr} if lr is not None else {})
@@ -40,33 +37,6 @@ def _hint(p: nn.Parameter, lr: float | None) -> nn.Parameter:
 def _c(x: torch.Tensor) -> torch.Tensor:
     """Stored (..., 2) real view -> complex."""
     return torch.view_as_complex(x)
-
-
-@dataclass
-class S4Config:
-    d_state: int = 64  # N, real state size (N/2 complex modes stored)
-    kernel: str = "nplr"  # nplr | diag
-    disc: str = "bilinear"  # diag only: zoh | bilinear (nplr is always bilinear)
-    init: str = "legs"  # nplr: legs; diag: lin | inv
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    dropout: float = 0.0
-    bidirectional: bool = False
-    ssm_lr: float | None = SSM_LR
-
-    def validate(self) -> None:
-        if self.kernel not in ("nplr", "diag"):
-            raise ValueError(f"kernel={self.kernel!r}: expected 'nplr' or 'diag'")
-        if self.d_state < 2 or self.d_state % 2:
-            raise ValueError(f"d_state={self.d_state}: expected an even number >= 2")
-        if self.kernel == "diag" and self.disc not in ("zoh", "bilinear"):
-            raise ValueError(f"disc={self.disc!r}: expected 'zoh' or 'bilinear'")
-        if self.kernel == "diag" and self.init not in ("lin", "inv"):
-            raise ValueError(f"init={self.init!r} for the diag kernel: expected 'lin' or 'inv'")
-        if self.kernel == "nplr" and self.init != "legs":
-            raise ValueError(f"init={self.init!r} for the nplr kernel: expected 'legs'")
-        if not 0.0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"dt range [{self.dt_min}, {self.dt_max}]: expected 0 < dt_min <= dt_max")
 
 
 def _init_log_dt(H: int, cfg: S4Config) -> torch.Tensor:

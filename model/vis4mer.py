@@ -14,89 +14,15 @@ are the released model's, minus its never-applied input projection.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.s4 import S4, ChannelDropout, S4Config
-
-
-@dataclass
-class ViS4merConfig:
-    d_input: int = 1024  # feature dim of the frozen encoder
-    l_max: int = 11820  # tokens per example (LVU: 60 s x 197)
-    d_model: int = 1024
-    n_layers: int = 3  # number of stages; 0 = mean-pooled features straight into the head
-    d_state: int = 64
-    kernel: str = "nplr"  # nplr (ViS4mer) | diag (S4D)
-    disc: str = "bilinear"  # diag only
-    init: str | None = None  # nplr: legs; diag: lin (default) | inv
-    bidirectional: bool = False
-    dropout: float = 0.2
-    prenorm: bool = True
-    # pooling schedule, one entry per stage (None: the ViS4mer default for every stage)
-    pool: list[int] | None = None  # time pooling factor (default 2)
-    pool_type: list[str] | None = None  # avg | max (default avg)
-    width_div: list[int] | None = None  # width reduction divisor (default 2)
-    task: str = "classification"  # classification | regression
-    num_classes: int = 4  # ignored for regression (1 output)
-
-    def s4_config(self) -> S4Config:
-        init = self.init or ("legs" if self.kernel == "nplr" else "lin")
-        return S4Config(d_state=self.d_state, kernel=self.kernel, disc=self.disc, init=init,
-                        dropout=self.dropout, bidirectional=self.bidirectional)
-
-    def schedule(self) -> list[dict]:
-        """Per-stage shapes; raises ValueError naming the first stage that cannot be built."""
-        n = self.n_layers
-        if n < 0:
-            raise ValueError(f"n_layers={n}: expected >= 0")
-        for name in ("pool", "pool_type", "width_div"):
-            v = getattr(self, name)
-            if v is not None and len(v) != n:
-                raise ValueError(f"{name} has {len(v)} entries but n_layers={n}: expected one per stage")
-        pool = self.pool or [2] * n
-        ptype = self.pool_type or ["avg"] * n
-        div = self.width_div or [2] * n
-        L, D, out = self.l_max, self.d_model, []
-        for i in range(n):
-            if pool[i] < 1:
-                raise ValueError(f"stage {i}: pooling factor {pool[i]}: expected >= 1")
-            if ptype[i] not in ("avg", "max"):
-                raise ValueError(f"stage {i}: pool_type {ptype[i]!r}: expected 'avg' or 'max'")
-            if L // pool[i] < 1:
-                raise ValueError(
-                    f"stage {i}: pooling length {L} by {pool[i]} leaves no time step; "
-                    "use fewer stages or smaller pooling factors"
-                )
-            if div[i] < 1 or D % div[i]:
-                raise ValueError(f"stage {i}: width {D} is not divisible by width_div {div[i]}")
-            out.append(dict(length=L, width=D, pool=pool[i], pool_type=ptype[i], width_out=D // div[i]))
-            L, D = L // pool[i], D // div[i]
-        return out
-
-    def validate(self) -> None:
-        for name in ("d_input", "l_max", "d_model"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout}: expected 0 <= dropout < 1")
-        if self.task not in ("classification", "regression"):
-            raise ValueError(f"task={self.task!r}: expected 'classification' or 'regression'")
-        if self.task == "classification" and self.num_classes < 2:
-            raise ValueError(f"num_classes={self.num_classes}: expected >= 2 for classification")
-        self.s4_config().validate()
-        self.schedule()
-
-    @property
-    def d_output(self) -> int:
-        return self.num_classes if self.task == "classification" else 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from vis4mer.model.config import ViS4merConfig
+from vis4mer.model.s4 import S4, ChannelDropout
 
 
 class S4Residual(nn.Module):

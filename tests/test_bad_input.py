@@ -3,7 +3,7 @@ arguments. Each case is one `vis4mer` command line that must end with exactly on
 the culprit (and what was expected), exit code 2, no traceback, and nothing half-written: no
 output folder, no MLflow store, no run folder.
 
-The cases run `orchestrator.cli.main` in-process (fast); test_cli_demo, test_training and test_jobs
+The cases run `vis4mer.orchestrator.cli.main` in-process (fast); test_cli_demo, test_training and test_jobs
 check the same contract through real subprocesses."""
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-SYNTH = str(ROOT / "sweeps" / "train_synthetic.yaml")
+from tests.support.runs import SYNTHETIC_YAML as SYNTH
+from vis4mer.orchestrator.cli import main
 
 
 @pytest.fixture(scope="module")
 def good_dataset(tmp_path_factory):
-    from datasets.synthetic import write_synthetic
+    from vis4mer.datasets.synthetic import write_synthetic
 
     uri = str(tmp_path_factory.mktemp("good") / "ds")
     write_synthetic(uri, videos=(8, 4, 4), frames=16, min_frames=12, tokens=2, dim=4, seed=0)
@@ -68,8 +66,11 @@ CASES = [
      "not valid YAML"),
     ("config-batch-too-big", lambda t, g: ["train", SYNTH, f"data.uri={g}", "data.batch_size=64",
                                            f"run.storage_path={t}/runs"], "data.batch_size=64"),
+    # (wide enough that every stage's width halves: the dataset's sequence length is what runs out)
     ("config-schedule-too-deep", lambda t, g: ["train", SYNTH, f"data.uri={g}", "model.n_layers=9",
-                                               f"run.storage_path={t}/runs"], "pooling length"),
+                                               "model.d_model=1024", f"run.storage_path={t}/runs"], "pooling length"),
+    ("config-width-not-divisible", lambda t, g: ["train", SYNTH, "model.n_layers=9"],
+     "model: stage 6: width 1 is not divisible by width_div 2"),
     # --- sweep YAMLs --------------------------------------------------------------------------
     ("sweep-unknown-kind", lambda t, g: ["sweep", _sweep(t, search_space={"optim.lr": {"gaussian": [0, 1]}})],
      "search_space.optim.lr: expected one of"),

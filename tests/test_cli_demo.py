@@ -1,12 +1,10 @@
 """The `vis4mer` entry point: the model demo learns what mean pooling cannot; user errors exit 2."""
 import subprocess
-import sys
 
 import numpy as np
 
-from datasets.synthetic import temporal_order
-
-VIS4MER = [sys.executable, "-m", "orchestrator.cli"]
+from tests.support.runs import VIS4MER
+from vis4mer.datasets.synthetic import temporal_order
 
 
 def test_temporal_order_is_deterministic_and_balanced():
@@ -24,7 +22,8 @@ def test_temporal_order_is_deterministic_and_balanced():
 
 
 def test_demo_learns_the_long_range_task():
-    out = subprocess.run(VIS4MER + ["demo", "--model-only", "--epochs", "15"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(VIS4MER + ["demo", "--model-only", "--epochs", "15"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     acc = {line.split("val accuracy")[0].strip(): float(line.split("val accuracy")[1].split("%")[0])
            for line in out.stdout.splitlines() if "val accuracy" in line}
@@ -33,14 +32,15 @@ def test_demo_learns_the_long_range_task():
 
 
 def test_models_lists_every_variant():
-    from model import list_variants
+    from vis4mer.model import list_variants
     out = subprocess.run(VIS4MER + ["models"], capture_output=True, text=True, timeout=120, check=True)
     for name in list_variants():
         assert name in out.stdout
 
 
 def test_bad_argument_is_one_line_exit_2():
-    out = subprocess.run(VIS4MER + ["demo", "--model-only", "--epochs", "zero"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(VIS4MER + ["demo", "--model-only", "--epochs", "zero"], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "--epochs" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -10,27 +10,26 @@ import glob
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.cloud import (
+from tests.support.runs import ROOT, VIS4MER
+from vis4mer.orchestrator.deploy.cloud import (
     GPU_WORKER,
     SPOT_WORKER,
+    cluster_file,
     find_credentials,
     is_spot,
     render_cluster,
     schema_path,
     sweep_needs,
-    to_yaml,
     validate_cluster_config,
 )
-from orchestrator.config import ConfigError
-from orchestrator.sweep import load_sweep
+from vis4mer.orchestrator.sweep.spec import load_sweep
+from vis4mer.orchestrator.train.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(glob.glob(str(ROOT / "deploy" / "cloud" / "*.yaml")))
 SWEEPS = sorted(p for p in glob.glob(str(ROOT / "sweeps" / "*.yaml")) if not Path(p).name.startswith("train_"))
 
@@ -105,13 +104,15 @@ def test_schema_is_rays_own():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: Path(p).name)
 def test_shipped_configs_validate(path):
     text = Path(path).read_text()
-    assert text.startswith(f"# ray up deploy/cloud/{Path(path).name}") and f"# ray down deploy/cloud/{Path(path).name}" in text
+    name = Path(path).name
+    assert text.startswith(f"# ray up deploy/cloud/{name}") and f"# ray down deploy/cloud/{name}" in text
     cfg = _load(path)
     prepared = validate_cluster_config(cfg, path)
     assert prepared["head_node_type"] == "head"
     check_properties(cfg, spot=None)
     for word in ("aws_secret_access_key", "aws_access_key_id=", "AKIA", "PRIVATE KEY", "gcp_credentials:"):
-        assert word.lower() not in "\n".join(line for line in text.lower().splitlines() if not line.lstrip().startswith("#"))
+        body = "\n".join(line for line in text.lower().splitlines() if not line.lstrip().startswith("#"))
+        assert word.lower() not in body
 
 
 def test_both_providers_shipped():
@@ -126,7 +127,7 @@ def test_rendered_for_every_shipped_sweep_validates(sweep, provider, spot):
     validate_cluster_config(cfg)
     check_properties(cfg, spot=spot)
     # the YAML that is written reads back to the same config
-    assert yaml.safe_load(to_yaml(cfg)) == cfg
+    assert yaml.safe_load(cluster_file(cfg)) == cfg
 
 
 @pytest.mark.parametrize("provider", ["aws", "gcp"])
@@ -213,15 +214,16 @@ NT = "available_node_types"
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: _set(_aws(), "max_workers", "many"), r"^bad.yaml: max_workers: expected an integer, got 'many'"),
+    (lambda: _set(_aws(), "max_workers", "many"), r"^bad.yaml: max_workers: expected an integer, got str 'many'"),
     (lambda: _set(_aws(), "max_workers", -1), r"max_workers: expected >= 0, got -1"),
-    (lambda: _set(_aws(), "clusters", 3), r"^bad.yaml: clusters: unknown key"),
-    (lambda: _set(_aws(), "provider.type", _DEL), r"^bad.yaml: provider.type: required, missing"),
-    (lambda: _set(_aws(), "provider", _DEL), r"provider: required, missing"),
-    (lambda: _set(_aws(), "docker.shm", "32g"), r"docker.shm: unknown key"),
+    (lambda: _set(_aws(), "clusters", 3), r"^bad.yaml: clusters: unknown field"),
+    (lambda: _set(_aws(), "provider.type", _DEL), r"^bad.yaml: provider.type: required field missing"),
+    (lambda: _set(_aws(), "provider", _DEL), r"provider: required field missing"),
+    (lambda: _set(_aws(), "docker.shm", "32g"), r"docker.shm: unknown field"),
     (lambda: _set(_aws(), f"{NT}.gpu_worker.resources.GPU", "eight"),
-     r"available_node_types.gpu_worker.resources.GPU: expected an integer, got 'eight'"),
-    (lambda: _set(_aws(), f"{NT}.gpu_worker.node_type", "p4d"), r"available_node_types.gpu_worker.node_type: unknown key"),
+     r"available_node_types.gpu_worker.resources.GPU: expected an integer, got str 'eight'"),
+    (lambda: _set(_aws(), f"{NT}.gpu_worker.node_type", "p4d"),
+     r"available_node_types.gpu_worker.node_type: unknown field"),
     (lambda: _set(_aws(), f"{NT}.head.node_config", _DEL), r"available_node_types.head.node_config: required"),
     (lambda: _set(_aws(), "setup_commands", "pip install ."), r"setup_commands: expected an array"),
     (lambda: _set(_aws(), "provider.type", "azure"), r"provider.type: 'azure'; expected aws or gcp"),
@@ -278,7 +280,7 @@ def test_validation_does_not_modify_the_config():
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "cloud", *args], cwd=cwd, check=False,
+    return subprocess.run([*VIS4MER, "cloud", *args], cwd=cwd, check=False,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -332,4 +334,4 @@ def test_cli_validate_refuses_a_broken_file(tmp_path):
     r = _cli("validate", str(bad))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{bad}: max_workers: expected an integer, got 'many'" in lines[0]
+    assert len(lines) == 1 and f"{bad}: max_workers: expected an integer, got str 'many'" in lines[0]

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.format import DatasetError, DatasetWriter, open_dataset, shard_schema, verify, features_to_arrow
-from datasets.storage import StorageError, StorageOptions, filesystems
-from datasets.tasks import get_task
-from datasets.windows import VideoAggregator, eval_starts, example_rng, train_example
+from tests.support.runs import VIS4MER
+from vis4mer.datasets.format import DatasetError, DatasetWriter, features_to_arrow, open_dataset, shard_schema, verify
+from vis4mer.datasets.storage import StorageError, StorageOptions, filesystems
+from vis4mer.datasets.tasks import get_task
+from vis4mer.datasets.windows import VideoAggregator, eval_starts, example_rng, train_example
 
 pytestmark = pytest.mark.ray
 
@@ -38,7 +38,7 @@ def s3(s3_server) -> StorageOptions:
 
 
 def test_round_trip_through_ray_data_on_s3(s3_server, s3_bucket, ray_session):
-    from datasets.pipeline import eval_batches, read_split, train_batches
+    from vis4mer.datasets.pipeline import eval_batches, read_split, train_batches
 
     bucket, _ = s3_bucket
     uri = f"s3://{bucket}/syn"
@@ -52,7 +52,7 @@ def test_round_trip_through_ray_data_on_s3(s3_server, s3_bucket, ray_session):
     # raw rows: exact float16 round trip
     rows = {}
     for batch in read_split(ds, "train").iter_batches(batch_size=5, batch_format="pyarrow"):
-        from datasets.format import video_features
+        from vis4mer.datasets.format import video_features
         for vid, x in zip(batch.column("video_id").to_pylist(), video_features(batch.column("features"), 3, 8)):
             rows[vid] = x
     assert set(rows) == {f"v{i:03d}" for i in range(17)}
@@ -91,7 +91,7 @@ def test_epochs_reshuffle_shards_without_new_footer_reader_actors(tmp_path, ray_
     from ray.data import DataContext
     from ray.util.state import list_actors
 
-    from datasets.pipeline import PARQUET_LOGGER, read_split
+    from vis4mer.datasets.pipeline import PARQUET_LOGGER, read_split
 
     videos = make_videos(12, 3, 8, seed=4)
     uri = str(tmp_path / "shards")
@@ -100,7 +100,8 @@ def test_epochs_reshuffle_shards_without_new_footer_reader_actors(tmp_path, ray_
     assert len(ds.shard_paths("train")) >= 6
 
     def footer_readers() -> int:
-        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000, raise_on_missing_output=False))
+        return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000,
+                               raise_on_missing_output=False))
 
     def epoch_orders(seed: int) -> list[list[str]]:
         split = read_split(ds, "train", shuffle_files=True, seed=seed)
@@ -119,7 +120,7 @@ def test_epochs_reshuffle_shards_without_new_footer_reader_actors(tmp_path, ray_
 
 
 def test_every_rank_gets_the_same_number_of_batches(tmp_path, ray_session):
-    from datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.pipeline import read_split, train_batches
 
     videos = make_videos(13, 3, 8, seed=2)
     uri = str(tmp_path / "uneven")
@@ -154,7 +155,7 @@ def test_shards_are_plain_parquet(tmp_path):
 
 def test_synth_cli_writes_to_s3_and_verify_checks_it(s3_server, s3_bucket, tmp_path):
     bucket, fs = s3_bucket
-    env_cmd = [sys.executable, "-m", "orchestrator.cli", "data"]
+    env_cmd = [*VIS4MER, "data"]
     out = subprocess.run(env_cmd + ["synth", f"s3://{bucket}/demo", "--videos", "12", "4", "4", "--frames", "16",
                                     "--endpoint-url", s3_server.endpoint], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -162,14 +163,15 @@ def test_synth_cli_writes_to_s3_and_verify_checks_it(s3_server, s3_bucket, tmp_p
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok:" in out.stdout and "20 videos" in out.stdout, out.stderr
     # deterministic from the seed: the same command writes the same bytes
-    subprocess.run(env_cmd + ["synth", str(tmp_path / "a"), "--videos", "12", "4", "4", "--frames", "16"], check=True, timeout=120)
+    subprocess.run(env_cmd + ["synth", str(tmp_path / "a"), "--videos", "12", "4", "4", "--frames", "16"], check=True,
+                   timeout=120)
     m_local = json.loads((tmp_path / "a" / "manifest.json").read_text())
     m_s3 = json.loads(fs.cat(f"{bucket}/demo/manifest.json"))
     assert [s["sha256"] for s in m_local["shards"]] == [s["sha256"] for s in m_s3["shards"]]
 
 
 def test_synthetic_tasks_defeat_mean_pooling():
-    from datasets.synthetic import gap_clip, order_clip
+    from vis4mer.datasets.synthetic import gap_clip, order_clip
 
     rng = np.random.default_rng(0)
     for make in (order_clip, gap_clip):
@@ -242,7 +244,7 @@ def _write_raw(root, task, rows, name="train-00000.parquet"):
                       "features": features_to_arrow([r[1] for r in rows], 3, 8)}, schema=shard_schema(task))
     pq.write_table(table, root / name)
     data = (root / name).read_bytes()
-    from datasets.format import Manifest
+    from vis4mer.datasets.format import Manifest
     m = Manifest(task=task, extractor={}, shards=[{"path": name, "split": "train", "rows": len(rows),
                                                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}])
     (root / "manifest.json").write_text(m.to_json())
@@ -250,7 +252,7 @@ def _write_raw(root, task, rows, name="train-00000.parquet"):
 
 @pytest.mark.parametrize("bad", ["nan", "label"])
 def test_bad_values_are_named(tmp_path, ray_session, bad):
-    from datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.pipeline import read_split, train_batches
 
     task = get_task("synthetic_order", tokens_per_frame=3, feature_dim=8, window_frames=6, num_classes=3)
     x = np.zeros((6, 3, 8), np.float16)
@@ -272,7 +274,8 @@ def test_bad_values_are_named(tmp_path, ray_session, bad):
 def test_writer_refuses_bad_input_and_leaves_nothing(tmp_path):
     videos = make_videos(5, 3, 8, seed=5)
     videos["v002"] = (videos["v002"][0][:, :, :4], 1)  # wrong feature dim mid-way
-    with pytest.raises(DatasetError, match=r"video v002: features of shape \(\d+, 3, 4\): expected \(frames >= 1, 3, 8\)"):
+    with pytest.raises(DatasetError,
+                       match=r"video v002: features of shape \(\d+, 3, 4\): expected \(frames >= 1, 3, 8\)"):
         write(str(tmp_path / "out"), videos, shard_bytes=500, row_group_bytes=100)
     assert not (tmp_path / "out").exists()  # the shards already written were removed
 
@@ -307,12 +310,14 @@ def test_wrong_credentials(tmp_path):
         os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
         try:
             opts = StorageOptions(endpoint_url=server.endpoint)
-            boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
+            boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                         aws_access_key_id=key["AccessKeyId"],
                          aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket="authbucket")
             write("s3://authbucket/ok", make_videos(2, 3, 8, seed=6), opts)
             open_dataset("s3://authbucket/ok", opts)  # right credentials: fine
             os.environ["AWS_SECRET_ACCESS_KEY"] = "wrong-secret"
-            with pytest.raises(DatasetError, match="s3://authbucket/ok/manifest.json: access denied: check the credentials"):
+            with pytest.raises(DatasetError,
+                               match="s3://authbucket/ok/manifest.json: access denied: check the credentials"):
                 open_dataset("s3://authbucket/ok", opts)
         finally:
             for k, v in old.items():

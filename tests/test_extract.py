@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from datasets.encoders import VIT_ARCHS, Encoder, EncoderSpec, VisionTransformer, load_state_dict
-from datasets.format import open_dataset, verify, video_features
-from datasets.storage import StorageOptions
-from datasets.video import Sampling, decode
-from orchestrator.cli import main
+from vis4mer.datasets.encoders import VIT_ARCHS, Encoder, EncoderSpec, VisionTransformer, load_state_dict
+from vis4mer.datasets.format import open_dataset, verify, video_features
+from vis4mer.datasets.storage import StorageOptions
+from vis4mer.datasets.video import Sampling, decode
+from vis4mer.orchestrator.cli import main
 
 
 def make_video(path, seconds: float, fps: int = 8, size=(64, 48), codec="libx264", seed=0) -> None:
@@ -74,8 +74,9 @@ def _rows(uri, storage=None, tokens=197, dim=64):
     for s in ds.manifest.shards:
         with ds.res.pa.open_input_file(ds.res.join(s["path"])) as f:
             t = pq.read_table(f)
+        feats = video_features(t.column("features"), tokens, dim)
         for vid, label, split, x in zip(t.column("video_id").to_pylist(), t.column("label").to_pylist(),
-                                        t.column("split").to_pylist(), video_features(t.column("features"), tokens, dim)):
+                                        t.column("split").to_pylist(), feats):
             rows[vid] = (label, split, x)
     return ds, rows
 
@@ -97,7 +98,8 @@ def test_one_frame_per_second_and_swin_segments(material):
 
 def test_builtin_vit_matches_timm_layout_and_a_reference(material):
     sd = load_state_dict(open(material["weights"], "rb").read(), "tiny.pth")
-    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias"}
     for i in range(2):
         expected |= {f"blocks.{i}.{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
                      for p in ("weight", "bias")}
@@ -114,7 +116,8 @@ def test_builtin_vit_matches_timm_layout_and_a_reference(material):
                              "out_proj.weight": sd[b + "attn.proj.weight"], "out_proj.bias": sd[b + "attn.proj.bias"]})
         z = ln(h, b + "norm1")
         h = h + mha(z, z, z, need_weights=False)[0]
-        z = nn.functional.gelu(nn.functional.linear(ln(h, b + "norm2"), sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"]))
+        z = nn.functional.gelu(nn.functional.linear(ln(h, b + "norm2"), sd[b + "mlp.fc1.weight"],
+                                                    sd[b + "mlp.fc1.bias"]))
         h = h + nn.functional.linear(z, sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
     ref = ln(h, "norm")
     enc = Encoder(EncoderSpec(arch="tiny"), sd)
@@ -177,7 +180,8 @@ def test_cli_errors_are_one_line(material, tmp_path, capsys, case):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert {"extractor": "resnet", "videos": "nowhere", "weights-missing": "missing.pth",
-            "weights-shape": "tiny.pth: keys do not match", "task": "breakfast", "labels": "bad.csv:2", "swin": "torchvision"}[case] in err
+            "weights-shape": "tiny.pth: keys do not match", "task": "breakfast", "labels": "bad.csv:2",
+            "swin": "torchvision"}[case] in err
     assert not out.exists()  # nothing half-written
 
 

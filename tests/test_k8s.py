@@ -7,17 +7,24 @@ import copy
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.config import SECRET_WORDS, ConfigError
-from orchestrator.k8s import CREDENTIALS, k8s_name, load_manifests, render, render_rayjob, validate_manifest
-from orchestrator.sweep import load_sweep
+from tests.support.runs import ROOT, VIS4MER
+from vis4mer.orchestrator.deploy.k8s import (
+    CREDENTIALS,
+    k8s_name,
+    load_manifests,
+    render,
+    render_rayjob,
+    validate_manifest,
+)
+from vis4mer.orchestrator.secret_names import names_secret
+from vis4mer.orchestrator.sweep.spec import load_sweep
+from vis4mer.orchestrator.train.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kuberay"
 SWEEPS = sorted(p for p in (ROOT / "sweeps").glob("*.yaml") if not p.name.startswith("train_"))
 IMAGE = "registry.example.com/vis4mer:0.1.0"
@@ -38,7 +45,8 @@ def spec_cache():
 
 
 def _containers(cluster: dict):
-    yield "head", cluster["headGroupSpec"]["template"]["spec"], cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    yield "head", head, head["containers"][0]
     for g in cluster["workerGroupSpecs"]:
         yield g["groupName"], g["template"]["spec"], g["template"]["spec"]["containers"][0]
 
@@ -69,7 +77,8 @@ def check_cluster(cluster: dict, secret: str = "vis4mer-credentials", workers: i
     pod = group["template"]["spec"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     res = pod["containers"][0]["resources"]
-    assert int(res["limits"]["nvidia.com/gpu"]) >= 1 and res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+    gpus = res["limits"]["nvidia.com/gpu"]
+    assert int(gpus) >= 1 and res["requests"]["nvidia.com/gpu"] == gpus
     for name, podspec, c in _containers(cluster):
         shm = [v for v in podspec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         assert shm, f"{name}: no memory-backed volume"
@@ -81,7 +90,7 @@ def check_cluster(cluster: dict, secret: str = "vis4mer-credentials", workers: i
             assert "value" not in env[cred] and ref["name"] == secret and ref["key"] == cred
             assert ref.get("optional", False) == optional
         for e in c["env"]:
-            if any(w in e["name"].lower() for w in SECRET_WORDS):
+            if names_secret(e["name"]):
                 assert "value" not in e and "secretKeyRef" in e["valueFrom"], e["name"]
 
 
@@ -140,7 +149,8 @@ def test_every_shipped_sweep_renders_a_valid_rayjob(path, spec_cache):
                                          + " ".join(STORAGE) + f" tracking.tracking_uri={MLFLOW}")
     pod = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert pod["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    assert int(pod["resources"]["limits"]["cpu"]) == sizing.pod_cpus >= 5  # per GPU a Train worker + data reads, + drivers
+    # per GPU a Train worker + data reads, + drivers
+    assert int(pod["resources"]["limits"]["cpu"]) == sizing.pod_cpus >= 5
     assert sizing.max_trials >= 1
 
 
@@ -200,7 +210,7 @@ def test_entrypoint_is_a_vis4mer_sweep_command(spec_cache):
     """The entrypoint, split as a shell would, parses with vis4mer's own CLI (run and resume)."""
     import shlex
 
-    from orchestrator.cli import build_parser
+    from vis4mer.orchestrator.cli import build_parser
 
     spec = spec_cache(ROOT / "sweeps" / "demo.yaml")
     extra = STORAGE + ["data.eval_splits=[val,test]"]
@@ -245,7 +255,7 @@ def _worker_container(job):
 
 BROKEN = {
     "replicas as a list": (lambda j: _worker(j).__setitem__("replicas", [1, 2]),
-                           "spec.rayClusterSpec.workerGroupSpecs[0].replicas: expected integer, got list"),
+                           "spec.rayClusterSpec.workerGroupSpecs[0].replicas: expected an integer, got list"),
     "unknown upscalingMode": (lambda j: _rc(j)["autoscalerOptions"].__setitem__("upscalingMode", "Fast"),
                               "spec.rayClusterSpec.autoscalerOptions.upscalingMode: 'Fast' is not one of"),
     "missing headGroupSpec": (lambda j: _rc(j).pop("headGroupSpec"),
@@ -257,7 +267,7 @@ BROKEN = {
     "container without name": (lambda j: _worker_container(j).pop("name"),
                                "containers[0].name: required field missing"),
     "ttl as a string": (lambda j: j["spec"].__setitem__("ttlSecondsAfterFinished", "600"),
-                        "spec.ttlSecondsAfterFinished: expected integer, got str"),
+                        "spec.ttlSecondsAfterFinished: expected an integer, got str"),
     "ttl without shutdown": (lambda j: j["spec"].__setitem__("shutdownAfterJobFinishes", False),
                              "spec.ttlSecondsAfterFinished: needs spec.shutdownAfterJobFinishes: true"),
     "literal secret": (lambda j: _worker_container(j)["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}),
@@ -310,7 +320,7 @@ def test_crds_folder_override(good_job, tmp_path, monkeypatch):
 
 def _cli(*args, cwd=ROOT):
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET_SENTINEL, "MLFLOW_TRACKING_TOKEN": SECRET_SENTINEL}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "k8s", *args], cwd=cwd, env=env,
+    return subprocess.run([*VIS4MER, "k8s", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -367,4 +377,4 @@ def test_cli_validate_refuses_a_broken_file(tmp_path):
     p = _cli("validate", str(bad))
     assert p.returncode == 2
     assert p.stderr.strip() == (f"vis4mer k8s: error: {bad}: spec.rayClusterSpec.workerGroupSpecs[0].replicas: "
-                                "expected integer, got list [1]")
+                                "expected an integer, got list [1]")

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from datasets.format import DatasetError, open_dataset, verify, video_features
-from datasets.lvu import import_lvu, parse_labels
-from datasets.tasks import LVU_TASKS, TASKS, get_task
+from tests.support.runs import VIS4MER
+from vis4mer.datasets.format import DatasetError, open_dataset, verify, video_features
+from vis4mer.datasets.lvu import import_lvu, parse_labels
+from vis4mer.datasets.tasks import LVU_TASKS, TASKS, get_task
 
 LABELS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "lvu_1.0"
 pytestmark = pytest.mark.skipif(not LABELS.is_dir(), reason="../shared/benchmarks is not beside the project")
@@ -60,8 +60,9 @@ def test_import_with_generated_features(tmp_path, task):
     manifest, report = import_lvu(task, str(LABELS), str(feats), str(tmp_path / "out"))
     classes, counts = SPEC[task]
     assert report.written == {"train": 3, "val": 3, "test": 3}
-    assert {s: len(v) for s, v in report.missing.items()} == {s: n - 3 for s, n in zip(("train", "val", "test"), counts)}
-    assert "train: 3 written, %d without features" % (counts[0] - 3) in report.summary()
+    assert {s: len(v) for s, v in report.missing.items()} == {
+        s: n - 3 for s, n in zip(("train", "val", "test"), counts)}
+    assert f"train: 3 written, {counts[0] - 3} without features" in report.summary()
     verify(str(tmp_path / "out"))
     ds = open_dataset(str(tmp_path / "out"))
     assert ds.manifest.extractor["preprocessing"].startswith("released")
@@ -90,7 +91,7 @@ def test_import_errors(tmp_path):
     np.save(feats / f"{yid}.npy", np.zeros((3, 196, 1024), np.float32))
     with pytest.raises(DatasetError, match=rf"{yid}.npy: shape \(3, 196, 1024\): expected \(frames, 197, 1024\)"):
         import_lvu("scene", str(LABELS), str(feats), str(tmp_path / "out"))
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "import-lvu", "--task", "plot",
+    out = subprocess.run([*VIS4MER, "data", "import-lvu", "--task", "plot",
                           "--labels", str(LABELS), "--features", str(feats), "--out", str(tmp_path / "o2")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "LVU task 'plot'" in out.stderr

@@ -6,7 +6,7 @@ import sys
 
 CODE = r"""
 import os, resource, torch
-from model.s4 import S4
+from vis4mer.model.s4 import S4
 def rss():
     with open(f"/proc/{os.getpid()}/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))

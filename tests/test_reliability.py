@@ -4,27 +4,23 @@ tests/test_sweep.py::test_sweep_lifecycle_asha_kill_resume_best_report.) docs/re
 each guarantee to its test."""
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.config import load_config
-from tests.conftest import RAY_SESSION, MlflowServer, TcpProxy, is_loopback
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.runs import RAY_SESSION, ROOT, tiny_run
+from tests.support.servers import MlflowServer, TcpProxy
+from tests.support.sockets import is_loopback
+from vis4mer.orchestrator.train.config import load_config
 
 
 def tiny(uri: str, tmp_path, *extra: str) -> list[str]:
-    return [f"data.uri={uri}", f"run.storage_path={tmp_path}/runs", "model.d_model=16", "model.n_layers=2",
-            "model.d_state=8", "model.dropout=0.0", "data.batch_size=4", "data.eval_batch_size=16",
-            "train.seed=3", "schedule.kind=constant", "optim.lr=0.01", "data.shuffle_files=false",
-            "train.checkpoint_every=1", *extra]
+    """The shared tiny run with 4 steps an epoch and a checkpoint every epoch (faults land mid-run)."""
+    return tiny_run(uri, tmp_path, "data.batch_size=4", "train.checkpoint_every=1", *extra)
 
 
 def _metric_steps(client, run_id: str, key: str = "train_loss") -> list[int]:
@@ -44,7 +40,7 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(synthetic_dataset, 
     run with every epoch logged once."""
     import mlflow
 
-    from orchestrator.trainer import run_training
+    from vis4mer.orchestrator.train.driver import run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = tiny(synthetic_dataset, tmp_path, "train.epochs=5", "tracking.enabled=true", "data.cache=true",
@@ -100,7 +96,7 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
     that it cannot outlast the last epochs as a server restart on these sub-second epochs could.)"""
     import mlflow
 
-    from orchestrator.trainer import run_training
+    from vis4mer.orchestrator.train.driver import run_training
 
     bucket, fs = s3_bucket
     fs.put(synthetic_dataset + "/", f"{bucket}/data/", recursive=True)
@@ -164,7 +160,8 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
     try:
         args = tiny(f"s3://{bucket}/data", tmp_path, "train.epochs=12", f"data.storage.endpoint_url={proxy.endpoint}",
                     f"run.storage_path=s3://{bucket}/runs", f"run.storage.endpoint_url={proxy.endpoint}",
-                    "tracking.enabled=true", f"tracking.tracking_uri={tracking_proxy.endpoint}", "tracking.experiment=outage",
+                    "tracking.enabled=true", f"tracking.tracking_uri={tracking_proxy.endpoint}",
+                    "tracking.experiment=outage",
                     "run.name=outage")
         t.start()
         out = run_training(load_config(None, args))
@@ -192,7 +189,8 @@ def test_s3_and_mlflow_outages_during_training_are_survived(synthetic_dataset, t
 def test_a_trial_that_raises_is_recorded_and_the_sweep_goes_on(synthetic_dataset, tmp_path, ray_session):
     import mlflow
 
-    from orchestrator.sweep import load_sweep, run_sweep
+    from vis4mer.orchestrator.sweep.spec import load_sweep
+    from vis4mer.orchestrator.sweep.tune_run import run_sweep
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     d = {"name": "raises", "base": str(ROOT / "sweeps" / "train_synthetic.yaml"),
@@ -203,13 +201,15 @@ def test_a_trial_that_raises_is_recorded_and_the_sweep_goes_on(synthetic_dataset
          "scheduler": {"kind": "fifo"}, "budget": {"num_samples": 1, "max_concurrent_trials": 2}}
     p = tmp_path / "raises.yaml"
     p.write_text(yaml.safe_dump(d))
-    grid, parent = run_sweep(load_sweep(str(p)), progress=False)
+    grid, plan = run_sweep(load_sweep(str(p)), progress=False)
+    parent = plan.parent_run_id
     assert len(grid) == 2 and sum(1 for r in grid if r.error) == 1
     ok = next(r for r in grid if not r.error)
     assert ok.metrics["training_iteration"] == 3  # the other trial went on to the end
     client = mlflow.tracking.MlflowClient(uri)
     children = {r.data.tags["vis4mer.trial_id"]: r for r in client.search_runs(
-        [client.get_experiment_by_name("raises").experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+        [client.get_experiment_by_name("raises").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
     failed = [r for r in children.values() if r.info.status == "FAILED"]
     assert len(children) == 2 and len(failed) == 1
     assert "fault injected by train.fail_at_epoch=1" in failed[0].data.tags["vis4mer.error"]
@@ -219,8 +219,7 @@ def test_a_trial_that_raises_is_recorded_and_the_sweep_goes_on(synthetic_dataset
 
 def test_checkpoints_load_with_weights_only():
     """Checkpoint loading never unpickles arbitrary objects."""
-    sources = [Path(p).read_text() for p in glob.glob(str(ROOT / "orchestrator" / "*.py"))
-               + glob.glob(str(ROOT / "datasets" / "*.py")) + glob.glob(str(ROOT / "model" / "*.py"))]
+    sources = [p.read_text() for folder in ("orchestrator", "datasets", "model") for p in (ROOT / folder).rglob("*.py")]
     loads = [line for src in sources for line in src.splitlines() if "torch.load(" in line]
     assert loads and all("weights_only=True" in line for line in loads)
 
@@ -228,7 +227,7 @@ def test_checkpoints_load_with_weights_only():
 def test_secret_named_values_are_redacted_in_flattened_params():
     """Configs hold no credentials (they come from the environment), and any value under a key that
     names a secret is redacted before it reaches MLflow params or a printed config."""
-    from orchestrator.config import flatten
+    from vis4mer.orchestrator.train.config import flatten
 
     flat = flatten({"tracking": {"api_key": "k1", "uri": "http://x"}, "storage": {"secret_access_key": "k2",
                     "session_token": "k3", "password": "k4", "region": "eu"}})

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.s4 import S4, S4Config
+from vis4mer.model.s4 import S4, S4Config
 
 CONFIGS = {
     "nplr": S4Config(d_state=16, kernel="nplr"),
@@ -74,7 +74,7 @@ def test_nplr_refuses_sequences_longer_than_l_max():
 
 def test_channel_dropout_drops_whole_channels():
     layer = S4(8, l_max=32, cfg=S4Config(d_state=8, dropout=0.5)).train()
-    from model.s4 import ChannelDropout
+    from vis4mer.model.s4 import ChannelDropout
     d = ChannelDropout(0.5).train()
     x = torch.ones(4, 32, 8)
     y = d(x)

@@ -7,27 +7,23 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, load_config
-from orchestrator.sweep import discrete_overrides, load_sweep
+from tests.support.runs import ROOT, VIS4MER
+from vis4mer.orchestrator.sweep.spec import discrete_overrides, load_sweep
+from vis4mer.orchestrator.train.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-VIS4MER = [sys.executable, "-m", "orchestrator.cli"]
+SWEEPS = [p for p in sorted(glob.glob(str(ROOT / "sweeps" / "*.yaml"))) if not Path(p).name.startswith("train_")]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "sweeps" / "*.yaml"))))
-def test_every_shipped_yaml_validates(path):
-    text = Path(path).read_text()
-    first = text.splitlines()[0]
-    if Path(path).name.startswith("train_"):
-        assert first.startswith("# vis4mer train ")
-        return
+@pytest.mark.parametrize("path", SWEEPS)
+def test_every_shipped_sweep_validates(path):
+    """(The training configs, sweeps/train_*.yaml: test_training.py.)"""
+    first = Path(path).read_text().splitlines()[0]
     assert first.startswith("# vis4mer sweep "), "the launch command comes first"
     spec = load_sweep(path)
     assert discrete_overrides(spec)
@@ -37,15 +33,15 @@ def test_demo_sweep_covers_state_size_pooling_and_depth():
     spec = load_sweep(str(ROOT / "sweeps" / "demo.yaml"))
     keys = {o.split("=")[0] for combo in discrete_overrides(spec) for o in combo}
     assert {"model.d_state", "model.n_layers", "model.pool"} <= keys
-    from orchestrator.sweep import trial_count
+    from vis4mer.orchestrator.sweep.spec import trial_count
 
     assert trial_count(spec) >= 8 and spec.scheduler["kind"] == "asha"
     assert any("model.n_layers=0" in combo for combo in discrete_overrides(spec))  # the mean-pooled baseline
 
 
 def test_an_override_of_a_searched_key_fixes_it():
-    from orchestrator.config import ConfigError
-    from orchestrator.sweep import trial_count
+    from vis4mer.orchestrator.sweep.spec import trial_count
+    from vis4mer.orchestrator.train.config import ConfigError
 
     demo = str(ROOT / "sweeps" / "demo.yaml")
     full = load_sweep(demo)
@@ -83,8 +79,8 @@ SHAPES = {"lvu": "lvu_relationship", "breakfast": "breakfast", "coin": "coin"}
                                   if Path(p).stem.split("_")[0] in SHAPES])
 def test_shipped_benchmark_sweeps_fit_their_task(path):
     """Every trial of the LVU / Breakfast / COIN sweeps builds a valid model at the task's length."""
-    from datasets.tasks import get_task
-    from orchestrator.train_loop import model_config
+    from vis4mer.datasets.tasks import get_task
+    from vis4mer.orchestrator.train.config import model_config
 
     spec = load_sweep(path)
     name = Path(path).stem
@@ -93,7 +89,7 @@ def test_shipped_benchmark_sweeps_fit_their_task(path):
     assert base.optim.lr == 1e-3 and base.optim.weight_decay == 0.01 and base.model.dropout == 0.2
     assert base.train.seed == 1112 and base.data.batch_size == 16  # the released recipe
     for overrides in discrete_overrides(spec):
-        model_config(load_config(spec.base, spec.base_overrides(overrides)), task).validate()
+        model_config(load_config(spec.base, spec.base_overrides(overrides)).model, task).validate()
     assert {"model.d_state", "model.n_layers", "model.pool", "train.seed"} <= {
         o.split("=")[0] for combo in discrete_overrides(spec) for o in combo}
 
@@ -207,7 +203,8 @@ def test_report_and_best_refuse_unknown_sweeps_and_stores_in_one_line(tmp_path):
     mlflow.tracking.MlflowClient(store).search_experiments()  # an existing, empty store
     for args, match in ((["report", "nosuch", "--tracking-uri", store], "sweep 'nosuch': no parent run"),
                         (["best", "--sweep", "nosuch", "--tracking-uri", store], "sweep 'nosuch': no parent run"),
-                        (["report", "x", "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"], "no MLflow store there")):
+                        (["report", "x", "--tracking-uri", f"sqlite:///{tmp_path}/absent.db"],
+                         "no MLflow store there")):
         out = subprocess.run(VIS4MER + args, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and match in out.stderr, out.stderr
@@ -219,10 +216,10 @@ def test_a_sweep_run_again_is_a_new_sweep_and_best_and_report_read_the_latest(tm
     finds the latest parent again; `best --sweep` and `report` rank only the latest sweep's trials."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking
-    from orchestrator.best import best_trials
-    from orchestrator.config import load_config
-    from orchestrator.report import sweep_runs
+    from vis4mer.orchestrator.sweep.best import best_trials
+    from vis4mer.orchestrator.sweep.lookup import sweep_runs
+    from vis4mer.orchestrator.train import tracking
+    from vis4mer.orchestrator.train.config import load_config
 
     store = f"sqlite:///{tmp_path}/m.db"
     cfg = load_config(str(ROOT / "sweeps" / "train_synthetic.yaml"),

@@ -5,23 +5,16 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from orchestrator.config import ConfigError, load_config
+from tests.support.runs import ROOT, VIS4MER
+from tests.support.runs import tiny_run as tiny
+from vis4mer.orchestrator.train.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
-
-
-def tiny(uri: str, tmp_path, *extra: str) -> list[str]:
-    return [f"data.uri={uri}", f"run.storage_path={tmp_path}/runs", "model.d_model=16", "model.n_layers=2",
-            "model.d_state=8", "model.dropout=0.0", "data.batch_size=16", "data.eval_batch_size=16",
-            "train.epochs=2", "train.seed=3", "schedule.kind=constant", "optim.lr=0.01", "tracking.enabled=false",
-            "data.shuffle_files=false", *extra]
 
 
 # --- config: every check before any Ray work ------------------------------------------------
@@ -32,7 +25,8 @@ def tiny(uri: str, tmp_path, *extra: str) -> list[str]:
     ("train.epochs=ten", "train.epochs: Value 'ten' of type 'str' could not be converted to Integer"),
     ("optim.lr=-0.1", r"optim.lr=-0.1: expected > 0"),
     ("scaling.num_workers=0", r"scaling.num_workers=0: expected >= 1"),
-    ("data.batch_size=0", r"data.batch_size=0: expected a positive multiple of scaling.num_workers x optim.grad_accum = 1"),
+    ("data.batch_size=0",
+     r"data.batch_size=0: expected a positive multiple of scaling.num_workers x optim.grad_accum = 1"),
     ("schedule.kind=step", "schedule.kind='step': expected plateau, cosine or constant"),
     ("optimlr", "override 'optimlr': expected key=value"),
 ])
@@ -42,10 +36,11 @@ def test_config_errors_name_the_key(override, match):
 
 
 def test_schedule_too_deep_and_missing_gpu_are_refused(synthetic_dataset, tmp_path, ray_session):
-    from orchestrator.trainer import prepare, run_training
+    from vis4mer.orchestrator.train.driver import prepare, run_training
 
     cfg = load_config(None, tiny(synthetic_dataset, tmp_path, "model.n_layers=8", "model.d_model=1024"))
-    with pytest.raises(ConfigError, match=r"model: stage 6: pooling length 1 by 2 leaves no time step.*sequence length 80"):
+    with pytest.raises(ConfigError,
+                       match=r"model: stage 6: pooling length 1 by 2 leaves no time step.*sequence length 80"):
         prepare(cfg)
     cfg = load_config(None, tiny(synthetic_dataset, tmp_path, "scaling.use_gpu=true"))
     with pytest.raises(ConfigError, match="scaling.use_gpu=true with 1 worker.*the cluster has 0 GPU"):
@@ -60,7 +55,7 @@ def test_a_diverged_loss_is_the_worst_for_the_scheduler():
 
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    from orchestrator.train_loop import diverged_is_worst
+    from vis4mer.orchestrator.train.worker import diverged_is_worst
 
     m = diverged_is_worst({"train_loss": math.nan, "val_mse": math.nan, "val_top1": 0.5, "epoch": 1})
     assert m["train_loss"] == math.inf and m["val_mse"] == math.inf and m["val_top1"] == 0.5
@@ -82,8 +77,8 @@ def test_every_shipped_training_yaml_validates():
 
 
 def test_cli_train_bad_config_exits_2_without_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(ROOT / "sweeps" / "train_synthetic.yaml"),
-                          "optim.lr=-1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run([*VIS4MER, "train", str(ROOT / "sweeps" / "train_synthetic.yaml"), "optim.lr=-1"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "vis4mer train: error: optim.lr=-1.0: expected > 0"
 
@@ -96,7 +91,7 @@ def final_state(outcome) -> dict:
 
 
 def test_local_mode(synthetic_dataset, tmp_path, ray_session):
-    from orchestrator.trainer import run_training
+    from vis4mer.orchestrator.train.driver import run_training
 
     cfg = load_config(None, tiny(synthetic_dataset, tmp_path, "scaling.local_mode=true", "run.name=local"))
     out = run_training(cfg)
@@ -114,7 +109,7 @@ def test_local_mode(synthetic_dataset, tmp_path, ray_session):
 
 def test_two_worker_ddp_equals_one_process(synthetic_dataset, tmp_path, ray_session):
     """Global batch = the 16 training videos: each step sees the same examples either way."""
-    from orchestrator.trainer import run_training
+    from vis4mer.orchestrator.train.driver import run_training
 
     one = run_training(load_config(None, tiny(synthetic_dataset, tmp_path, "run.name=one", "scaling.num_workers=1")))
     two = run_training(load_config(None, tiny(synthetic_dataset, tmp_path, "run.name=two", "scaling.num_workers=2",
@@ -126,11 +121,11 @@ def test_two_worker_ddp_equals_one_process(synthetic_dataset, tmp_path, ray_sess
         rel = ((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)).item()
         assert rel <= 1e-5, (k, rel)
     # and training did move the parameters (2 steps of lr 0.01)
-    from datasets.format import open_dataset
-    from model import ViS4mer
-    from orchestrator.train_loop import model_config
+    from vis4mer.datasets.format import open_dataset
+    from vis4mer.model import ViS4mer
+    from vis4mer.orchestrator.train.config import model_config
     torch.manual_seed(init.train.seed)
-    fresh = ViS4mer(model_config(init, open_dataset(synthetic_dataset).task)).state_dict()
+    fresh = ViS4mer(model_config(init.model, open_dataset(synthetic_dataset).task)).state_dict()
     moved = max(((a[k] - fresh[k]).norm() / fresh[k].norm().clamp_min(1e-12)).item() for k in a)
     assert moved > 1e-3
     assert one.metrics["steps"] == two.metrics["steps"] == 1
@@ -141,7 +136,7 @@ def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ra
     import mlflow
     import mlflow.pyfunc
 
-    from orchestrator.trainer import load_best_model, run_training
+    from vis4mer.orchestrator.train.driver import load_best_model, run_training
 
     bucket, fs = s3_bucket
     args = tiny(synthetic_dataset, tmp_path, "tracking.enabled=true", f"tracking.tracking_uri={mlflow_server}",
@@ -172,6 +167,10 @@ def test_mlflow_server_s3_checkpoints_and_resume(synthetic_dataset, tmp_path, ra
     best_logged = next(m for m in logged if m.source_run_id == first.run_id)  # the best checkpoint as an MLflow model
     reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{best_logged.model_id}")).read_text().split()
     assert {r.split("==")[0] for r in reqs} >= {"torch", "vis4mer", "cloudpickle"}  # stated, not inferred
+    import mlflow.pytorch
+
+    loaded = mlflow.pytorch.load_model(f"models:/{best_logged.model_id}")
+    assert type(loaded).__module__ == "vis4mer.model.vis4mer"  # loads by the vis4mer name, no top-level `model`
     best = load_best_model(load_config(None, args), second.best_uri)
     assert best is not None and sum(p.numel() for p in best.parameters()) > 0
 
@@ -181,7 +180,7 @@ def test_cli_train_prints_progress_run_id_and_final_metrics(cli_train_run):
     out = cli_train_run
     assert out.returncode == 0, out.stderr[-3000:]
     assert "epoch 1/1" in out.stdout + out.stderr  # the controller's progress line
-    run_id = next(l.split(": ")[1] for l in out.stdout.splitlines() if l.startswith("mlflow run id: "))
+    run_id = next(ln.split(": ")[1] for ln in out.stdout.splitlines() if ln.startswith("mlflow run id: "))
     assert "final metrics: {'epoch': 0" in out.stdout
     import mlflow
     run = mlflow.tracking.MlflowClient(f"sqlite:///{out.cwd}/mlflow.db").get_run(run_id)

@@ -1,0 +1,5 @@
+import sys
+
+from vis4mer.orchestrator.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""What every `vis4mer` command module shares: the parser class, argument types, storage options."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from vis4mer.datasets.storage import StorageOptions
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors as one line and exit code 2 (usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is {what}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1, "not a positive integer")
+non_negative_int = _int_at_least(0, "negative")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage (credentials come from the environment or --profile, never flags)")
+    g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--region")
+    g.add_argument("--profile", help="named credentials profile")
+    g.add_argument("--path-style", action="store_true", help="path-style S3 addressing")
+
+
+def storage_from_args(a) -> StorageOptions:
+    return StorageOptions(endpoint_url=a.endpoint_url, region=a.region, profile=a.profile, path_style=a.path_style)

@@ -1,0 +1,165 @@
+"""Files vis4mer reads and writes: the one YAML loader, YAML output, all-or-nothing writes."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vis4mer.datasets.errors import UserError
+
+# The checkout vis4mer runs from, holding sweeps/ and deploy/ (an editable install or the image's
+# WORKDIR, as the Dockerfile builds it): the folder above orchestrator/.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MAX_YAML_NODES = 100_000  # a config, sweep or manifest is a few hundred; aliases could make billions
+MAX_YAML_DEPTH = 64
+
+# YAML 1.1 reads 1e-3 as a string; configs mean a number (OmegaConf's loader reads it so too)
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses what would make a file mean something else than it reads: a key given
+    twice (the last one would silently win), and documents that expand past MAX_YAML_NODES nodes or
+    MAX_YAML_DEPTH levels (aliases of aliases grow exponentially)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._nodes = 0
+
+    def construct_object(self, node, deep=False):
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_YAML_NODES} values (aliases "
+                                                    "expanding?)", node.start_mark)
+        return super().construct_object(node, deep)
+
+    def compose_node(self, parent, index):
+        depth = getattr(self, "_depth", 0)
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _reason(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1})" if mark is not None else str(problem)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """One YAML document; a UserError naming `where` when it is not valid YAML."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({_reason(e)})") from None
+    except RecursionError:
+        raise UserError(f"{where}: not valid YAML (nested too deeply)") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A text file's contents; a UserError naming it when it is missing, a folder or not text."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not content
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; expected a {what}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (expected a UTF-8 {what})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    return parse_yaml(read_text(path, what), str(path))
+
+
+def load_yaml_documents(path: str | os.PathLike, what: str = "YAML file") -> list[Any]:
+    """Every non-empty document of a multi-document file."""
+    text = read_text(path, what)
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]  # noqa: S506
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({_reason(e)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
+    if not docs:
+        raise UserError(f"{path}: no YAML document")
+    return docs
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # no &id001 anchors: every file reads on its own
+        return True
+
+
+def dump_yaml(obj: Any, header: str = "") -> str:
+    """YAML in the objects' own key order, no anchors, lines unwrapped; `header` (comment lines) first."""
+    body = yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=10_000)
+    return (header if not header or header.endswith("\n") else header + "\n") + body
+
+
+def write_atomic(path: str | os.PathLike, text: str, what: str = "--out") -> None:
+    """All or nothing: a temporary file beside the target, renamed over it once written; missing
+    folders are made (and removed again if the write fails). A UserError naming `what` when the
+    target cannot be written (a folder, under a file, read-only)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{what} {path}: is a folder; expected a file name")
+    folder = target.parent
+    made = []  # the folders made here, deepest last
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+        made.insert(0, parent)
+    tmp = None
+    try:
+        for d in made:
+            d.mkdir()
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise UserError(f"{what} {path}: cannot write ({e.strerror or type(e).__name__})") from None
+        raise

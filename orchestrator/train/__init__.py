@@ -1,0 +1,1 @@
+"""Training: the config, the driver (driver.py), the per-worker loop (worker.py), MLflow tracking."""

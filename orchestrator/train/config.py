@@ -1,0 +1,294 @@
+"""Typed run configuration: omegaconf structured configs, YAML files, `key=value` overrides.
+
+    cfg = load_config("sweeps/train_synthetic.yaml", ["optim.lr=3e-3", "scaling.num_workers=2"])
+
+Everything is validated here, before any Ray or cluster work: an unknown key, a wrong type or an
+impossible value raises ConfigError (one line naming the key and what was expected); the CLI turns
+it into exit code 2. The resolved config is saved with every run (checkpoints, MLflow).
+
+Two sections are other modules' dataclasses, not copies: `model` is vis4mer.model's ViS4merConfig
+without the fields the dataset decides (`model_config` adds them from the task), and every storage
+section is vis4mer.datasets' StorageOptions.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.storage import StorageOptions
+from vis4mer.datasets.tasks import TaskSpec
+from vis4mer.model.config import ViS4merConfig
+from vis4mer.orchestrator.files import dump_yaml, parse_yaml, read_text
+from vis4mer.orchestrator.secret_names import names_secret
+
+
+class ConfigError(UserError):
+    """A bad config: names the key and what was expected."""
+
+
+# The model section: ViS4merConfig's own fields and defaults, minus what the dataset's task decides.
+FROM_TASK = ("d_input", "l_max", "task", "num_classes")
+_hints = typing.get_type_hints(ViS4merConfig)
+ModelCfg = make_dataclass("ModelCfg", [(f.name, _hints[f.name], field(default=f.default)) for f in fields(ViS4merConfig)
+                                       if f.name not in FROM_TASK])
+ModelCfg.__doc__ = "vis4mer.model.ViS4merConfig without d_input, l_max and the head (the dataset's task sets them)."
+ModelCfg.__module__ = __name__  # pickled by reference (Tune ships configs to trials)
+_LONGEST = 2**62  # a length no pooling schedule empties: config checks that hold for any dataset
+
+
+def model_config(model, task: TaskSpec) -> ViS4merConfig:
+    """The model for a dataset's task: the config's model section plus the task's sizes and head."""
+    return ViS4merConfig(**asdict(model), d_input=task.feature_dim, l_max=task.seq_len, task=task.type,
+                         num_classes=max(task.num_classes, 2))
+
+
+@dataclass
+class DataCfg:
+    uri: str = MISSING  # dataset folder or object-store prefix (datasets/format.py)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    batch_size: int = 16  # global: split evenly over the workers
+    eval_batch_size: int = 32  # windows per evaluation batch, per worker
+    shuffle_files: bool = True
+    shuffle_buffer: int | None = None  # rows; local shuffle on each worker
+    cache: bool = False  # materialise the videos in Ray's object store once (data that fits in memory)
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    ssm_lr: float = 1e-3  # the SSM parameters' own lr (weight decay 0), as released
+    grad_accum: int = 1
+    clip_norm: float | None = None
+
+
+@dataclass
+class ScheduleCfg:
+    kind: str = "plateau"  # plateau | cosine | constant
+    factor: float = 0.2  # plateau
+    patience: int = 1  # plateau, in scheduler steps
+    interval: int = 10  # plateau: epochs between steps (LVU: 10, Breakfast/COIN: 1)
+    warmup_epochs: int = 0  # cosine
+    min_lr: float = 0.0  # cosine
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 100
+    seed: int = 1112
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    keep_last: int = 2
+    bf16: bool = True  # autocast on GPU only
+    max_failures: int = 0
+    fail_at_epoch: int | None = None  # fault injection for reliability tests: raise when this epoch starts
+
+
+@dataclass
+class ScalingCfg:
+    num_workers: int = 1
+    local_mode: bool = False  # Ray Train's local mode: the training function runs in the driver process
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+
+
+@dataclass
+class RunCfg:
+    name: str | None = None  # stable name: a restarted run resumes; default from the config's hash
+    storage_path: str = "./results"  # local path or s3://, gs://
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+@dataclass
+class TrackingCfg:
+    enabled: bool = True
+    tracking_uri: str | None = None  # default: sqlite:///<cwd>/mlflow.db
+    experiment: str = "vis4mer"
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    scaling: ScalingCfg = field(default_factory=ScalingCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+
+
+# What one training run asks of the cluster. Every place that sizes runs (the sweep's concurrency,
+# KubeRay pods, cloud nodes) counts this way.
+DATA_CPUS = 1  # Ray Data's read tasks: never left waiting for CPUs the Train workers hold (they would hang)
+
+
+@dataclass(frozen=True)
+class RunResources:
+    workers: int  # Train workers (local mode: the driver process, which trains itself)
+    cpus_per_worker: float
+    gpus_per_worker: int  # 0 or 1
+
+    @property
+    def cpus(self) -> float:
+        return self.workers * self.cpus_per_worker + DATA_CPUS
+
+    @property
+    def gpus(self) -> int:
+        return self.workers * self.gpus_per_worker
+
+
+def run_resources(scaling: ScalingCfg) -> RunResources:
+    workers = 1 if scaling.local_mode else scaling.num_workers
+    return RunResources(workers, scaling.cpus_per_worker, 1 if scaling.use_gpu else 0)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if "not in struct" in str(e) or "Key '" in msg and "not" in msg:
+        return f"unknown key {key!r}" if key else msg
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    # built once: OmegaConf.structured is ~40% of a load_config, and a sweep validates every trial's
+    # config before Ray starts (OmegaConf.merge copies it, so the cached one is never changed)
+    return OmegaConf.structured(Config)
+
+
+@functools.lru_cache(maxsize=32)
+def _with_file(path: str, mtime_ns: int) -> DictConfig:
+    """The defaults with one YAML file merged in, cached per file version (the key: `load_config`
+    has read the file's mtime); the callers merge onto it, which copies it."""
+    loaded = parse_yaml(read_text(path, "config file"), path)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    try:
+        return OmegaConf.merge(_schema(), loaded)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_one_line(e)}") from None
+
+
+def _dotlist(overrides: list[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected key=value")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _finish(merged: DictConfig) -> Config:
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required, no value given")
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML (optional) + dotlist overrides onto the structured defaults; typed and validated."""
+    try:
+        if path is None:
+            merged = _schema()
+        else:
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such config file") from None
+            merged = _with_file(str(path), mtime)
+        if overrides:
+            merged = OmegaConf.merge(merged, _dotlist(overrides))
+        return _finish(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with `key=value` overrides applied, typed and validated (a sweep's trials: the base config
+    is loaded once, each trial's parameters are applied to it)."""
+    try:
+        return _finish(OmegaConf.merge(_schema(), to_dict(cfg), _dotlist(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values (what types alone cannot say)."""
+    def need(cond: bool, key: str, expected: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+    o, s, t, sc, d = cfg.optim, cfg.schedule, cfg.train, cfg.scaling, cfg.data
+    need(o.lr > 0, "optim.lr", "> 0", o.lr)
+    need(o.ssm_lr > 0, "optim.ssm_lr", "> 0", o.ssm_lr)
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(o.grad_accum >= 1, "optim.grad_accum", ">= 1", o.grad_accum)
+    need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", "> 0 or null", o.clip_norm)
+    need(s.kind in ("plateau", "cosine", "constant"), "schedule.kind", "plateau, cosine or constant", s.kind)
+    need(0 < s.factor < 1, "schedule.factor", "in (0, 1)", s.factor)
+    need(s.interval >= 1, "schedule.interval", ">= 1", s.interval)
+    need(s.patience >= 0, "schedule.patience", ">= 0", s.patience)
+    if s.kind == "cosine":
+        need(0 <= s.warmup_epochs < max(t.epochs, 1), "schedule.warmup_epochs", f"in [0, train.epochs={t.epochs})",
+             s.warmup_epochs)
+    need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    need(t.eval_every >= 1, "train.eval_every", ">= 1", t.eval_every)
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", t.checkpoint_every)
+    need(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
+    need(t.max_failures >= -1, "train.max_failures", ">= -1 (-1: retry forever)", t.max_failures)
+    need(sc.num_workers >= 1, "scaling.num_workers", ">= 1 (scaling.local_mode=true runs in the driver)",
+         sc.num_workers)
+    need(not (sc.local_mode and (sc.num_workers > 1 or sc.use_gpu)), "scaling.local_mode",
+         "false with several workers or GPUs (local mode is one process)", sc.local_mode)
+    need(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0", sc.cpus_per_worker)
+    need(sc.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "scaling.placement_strategy",
+         "PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", sc.placement_strategy)
+    per_step = sc.num_workers * o.grad_accum
+    need(d.batch_size >= per_step and d.batch_size % per_step == 0, "data.batch_size",
+         f"a positive multiple of scaling.num_workers x optim.grad_accum = {per_step}", d.batch_size)
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    for split in d.eval_splits:
+        need(split in ("val", "test"), "data.eval_splits", "a list of val and/or test", d.eval_splits)
+    try:  # the model's own checks, at a length no schedule empties (the dataset's length comes later)
+        ViS4merConfig(**asdict(cfg.model), l_max=_LONGEST).validate(prefix="model.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.run.name is not None:
+        need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "a name without '/'", cfg.run.name)
+
+
+def config_yaml(cfg: Config) -> str:
+    return dump_yaml(to_dict(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(d: dict) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(_schema(), d))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; values whose key names a secret are redacted."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = "***" if names_secret(k) and v is not None else v
+    return out
