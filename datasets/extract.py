@@ -34,7 +34,14 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vis4mer.datasets.encoders import EncoderError, EncoderSpec, check_weights, load_state_dict, weights_info
+from vis4mer.datasets.encoders import (
+    EncoderError,
+    EncoderSpec,
+    check_weights,
+    load_state_dict,
+    weights_info,
+    weights_layout,
+)
 from vis4mer.datasets.errors import UserError
 from vis4mer.datasets.format import MANIFEST, SPLITS, DatasetError, DatasetWriter, Manifest, check_label, open_dataset
 from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
@@ -42,6 +49,7 @@ from vis4mer.datasets.tasks import TaskSpec, get_task
 from vis4mer.datasets.video import Sampling, VideoFile, list_videos
 
 FAILURES = "failures.json"
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 PARTS = "parts"
 DEFAULT_TASK = {"vit": "lvu_genre", "swin": "breakfast"}
 # extractor keys that describe where it ran, not what it computes: not compared across reruns
@@ -59,6 +67,7 @@ class ExtractConfig:
     task: str | None = None  # default: lvu_genre (vit) or breakfast (swin)
     labels: str | None = None  # CSV video_id,label[,split]
     batch_frames: int = 16  # frames per encoder forward (swin: rounded down to 32-frame segments, >= 1)
+    dtype: str = "float32"  # encoder compute: float32, or float16 / bfloat16 under torch.autocast (GPU tensor cores)
     concurrency: int | None = None  # encoder actors; default: the cluster's GPUs, else 1
     actor_cpus: float = 1.0  # CPUs per encoder actor (its torch threads) when there is no GPU
     decode_tasks: int = 2  # concurrent decode tasks
@@ -94,13 +103,20 @@ class ExtractResult:
 def read_labels(uri: str, task: TaskSpec, storage: StorageOptions | None) -> dict[str, tuple]:
     res = filesystems(uri, storage)
     try:
-        with res.fs.open(res.path, "r") as f:
+        with res.fs.open(res.path, "r", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's) is not content
             text = f.read()
     except FileNotFoundError:
         raise DatasetError(f"{res.uri()}: label file not found") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{res.uri()}: is a folder: expected a CSV file video_id,label[,split]") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{res.uri()}: not a text file (expected a UTF-8 CSV video_id,label[,split])") from None
     except Exception as e:
         raise StorageError(describe_error(res.uri(), e)) from None
-    rows = list(csv.reader(io.StringIO(text)))
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:
+        raise DatasetError(f"{res.uri()}: not a readable CSV ({e})") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     header = [c.strip() for c in rows[0]] if rows else []
     if "video_id" not in header or "label" not in header:
@@ -264,7 +280,7 @@ class _Encode:
     """The actor: one frozen encoder, loaded once, encoding frame chunks into float16 tokens."""
 
     def __init__(self, spec: EncoderSpec, weights: list, weights_name: str, seed: int, batch: int,
-                 sampling: Sampling, threads: int):
+                 sampling: Sampling, threads: int, dtype: str = "float32"):
         import ray
         import torch
 
@@ -273,7 +289,8 @@ class _Encode:
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         sd = ray.get(weights[0]) if weights else None
-        self.encoder = Encoder(spec, sd, weights_name=weights_name, seed=seed, batch=batch)
+        self.encoder = Encoder(spec, sd, weights_name=weights_name, seed=seed, batch=batch,
+                               autocast=None if dtype == "float32" else getattr(torch, dtype))
         s = sampling.size
         self.frame_shape = (s, s, 3) if sampling.mode == "fps" else (sampling.segment, s, s, 3)
 
@@ -362,6 +379,8 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print,
     spec.validate()
     if cfg.batch_frames < 1 or cfg.decode_tasks < 1 or (cfg.concurrency is not None and cfg.concurrency < 1):
         raise UserError("batch_frames, decode_tasks and concurrency: expected >= 1")
+    if cfg.dtype not in COMPUTE_DTYPES:
+        raise UserError(f"dtype {cfg.dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
     # every check before anything is written or deleted
     if cfg.weights is None and not cfg.random_init:
         raise EncoderError("--weights PATH is required: a local state-dict file (.pth/.safetensors) of the "
@@ -376,8 +395,11 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print,
     sampling = Sampling("fps", fps=cfg.fps) if spec.extractor == "vit" else Sampling("segments")
     import av
 
-    extractor = {**spec.describe(), **weights_info(data, wname, cfg.seed), **sampling.describe(),
+    layout = weights_layout(spec.extractor, sd) if sd is not None else None
+    extractor = {**spec.describe(), **weights_info(data, wname, cfg.seed, layout), **sampling.describe(),
                  "implementation": implementation, "decoder": f"PyAV {av.__version__}"}
+    if cfg.dtype != "float32":  # only then, so that float32 manifests stay as they were (and resume)
+        extractor["compute_dtype"] = f"{cfg.dtype} (torch.autocast)"
     unlabelled = 0
     if labels is not None:
         unlabelled = sum(v.video_id not in labels for v in videos)
@@ -445,7 +467,7 @@ def _run(cfg, todo: list[VideoFile], labels, videos_res, out, task, extractor, s
     ds = ds.map_batches(_Encode, batch_size=1, compute=ActorPoolStrategy(size=actors), **resources,
                         fn_constructor_kwargs=dict(spec=spec, weights=weights, weights_name=wname or "weights",
                                                    seed=cfg.seed, batch=chunk_items, sampling=sampling,
-                                                   threads=int(cfg.actor_cpus)))
+                                                   threads=int(cfg.actor_cpus), dtype=cfg.dtype))
     log(f"extract: {actors} encoder actor(s) on {'1 GPU' if gpus else f'{cfg.actor_cpus:g} CPU'} each, "
         f"{min(cfg.decode_tasks, len(todo))} decode task(s), {chunk_items} "
         f"{'frames' if sampling.mode == 'fps' else 'segments'} per batch")

@@ -14,7 +14,8 @@ def _extract(a) -> int:
                        preprocess=a.preprocess or ("released" if a.extractor == "vit" else "model"),
                        arch=a.arch)
     cfg = ExtractConfig(videos=a.videos, out=a.out, spec=spec, weights=a.weights, random_init=a.random_init,
-                        task=a.task, labels=a.labels, batch_frames=a.batch_frames, concurrency=a.concurrency,
+                        task=a.task, labels=a.labels, batch_frames=a.batch_frames, dtype=a.dtype,
+                        concurrency=a.concurrency,
                         actor_cpus=a.actor_cpus, decode_tasks=a.decode_tasks, part_mb=a.part_mb,
                         overwrite=a.overwrite, storage=storage_from_args(a), progress_s=a.progress_s)
     from vis4mer.orchestrator.train.driver import init_ray
@@ -41,7 +42,12 @@ def register(sub) -> None:
                         "mean/std (swin default and only choice)")
     e.add_argument("--task", help="task of the rows (default lvu_genre for vit, breakfast for swin)")
     e.add_argument("--labels", help="CSV with header video_id,label[,split]; default: label 0, split train")
-    e.add_argument("--batch-frames", type=positive_int, default=16, help="frames per encoder forward")
+    e.add_argument("--batch-frames", type=positive_int, default=16,
+                   help="frames per encoder forward (swin: whole 32-frame segments); on a GPU use more: "
+                        "benchmarks/extract.py --device cuda --batches auto reports the largest that fits")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="encoder compute: float32 (default), or float16/bfloat16 under torch.autocast for GPU "
+                        "tensor-core speed (features differ by ~1e-3 relative; the manifest records it)")
     e.add_argument("--concurrency", type=positive_int, help="encoder actors (default: the cluster's GPUs, else 1)")
     e.add_argument("--actor-cpus", type=positive_float, default=1.0, help="CPUs (torch threads) per actor without GPU")
     e.add_argument("--decode-tasks", type=positive_int, default=2, help="concurrent decode tasks")
