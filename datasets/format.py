@@ -15,13 +15,20 @@ frame, feature dim, dtype, the feature extractor and its preprocessing, and ever
 split, row count, byte size and sha256. Readers check sizes and schemas against it when they open
 a dataset; `verify` checks hashes and every value.
 
-Writing is all-or-nothing: shards are written first, the manifest last; on any error the shards
-already written are deleted, so a prefix either holds a complete dataset or nothing new.
+Writing is all-or-nothing: a write's shards get names of their own (`<split>-<write id>-<n>`), so
+they never replace a file already there; the manifest is written last and is what publishes them.
+On any error the new shards are deleted and the prefix holds what it held before (the previous
+dataset, intact); after a successful --overwrite, the previous dataset's shards are deleted.
+
+Every path a manifest lists is relative to the dataset's prefix, normalised and inside it
+(`safe_relative`): a manifest cannot make a reader touch another folder or bucket.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +37,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vis4mer.datasets.errors import UserError
-from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
+from vis4mer.datasets.storage import (
+    Resolved,
+    StorageError,
+    StorageOptions,
+    check_local_target,
+    describe_error,
+    filesystems,
+    safe_relative,
+)
 from vis4mer.datasets.tasks import TaskSpec
 
 FORMAT_VERSION = 1
@@ -101,23 +116,65 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
+        """Parses and checks a manifest: every field present with its type (a mismatch names the field
+        and shows both types), every shard path safe, every split known, no shard listed twice."""
         try:
             d = json.loads(text)
-            if d.get("format_version") != FORMAT_VERSION:
-                raise DatasetError(f"{where}: format_version {d.get('format_version')!r}: expected {FORMAT_VERSION}")
-            task = TaskSpec.from_dict(d["task"])
-            if d["tokens_per_frame"] != task.tokens_per_frame or d["feature_dim"] != task.feature_dim:
-                raise DatasetError(f"{where}: tokens_per_frame/feature_dim disagree with its task section")
-            for s in d["shards"]:
-                for k in ("path", "split", "rows", "bytes", "sha256"):
-                    if k not in s:
-                        raise DatasetError(f"{where}: shard entry {s} has no {k!r}")
-            return cls(task=task, extractor=d["extractor"], shards=d["shards"], dtype=d["dtype"],
-                       created=d.get("created", 0.0))
-        except DatasetError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{where}: not a valid vis4mer manifest ({type(e).__name__}: {e})") from None
+        except RecursionError:
+            raise DatasetError(f"{where}: not a valid vis4mer manifest (nested too deeply)") from None
+        except ValueError as e:
+            raise DatasetError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        version = _field(d, "format_version", int, where)
+        if version != FORMAT_VERSION:
+            raise DatasetError(f"{where}: format_version {version}: expected {FORMAT_VERSION}")
+        try:
+            task = TaskSpec.from_dict(_field(d, "task", dict, where))
+        except UserError as e:
+            raise DatasetError(f"{where}: task: {e}") from None
+        for key, value in (("tokens_per_frame", task.tokens_per_frame), ("feature_dim", task.feature_dim)):
+            if _field(d, key, int, where) != value:
+                raise DatasetError(f"{where}: {key} {d[key]}: expected {value}, as its task section says")
+        if _field(d, "dtype", str, where) != "float16":
+            raise DatasetError(f"{where}: dtype {d['dtype']!r}: expected 'float16'")
+        extractor = _field(d, "extractor", dict, where)
+        shards, seen = [], {}
+        for i, s in enumerate(_field(d, "shards", list, where)):
+            at = f"{where}: shards[{i}]"
+            if not isinstance(s, dict):
+                raise DatasetError(f"{at}: expected an object, got {type(s).__name__}")
+            path = safe_relative(_field(s, "path", str, at), f"{at}.path", DatasetError)
+            split = _field(s, "split", str, at)
+            if split not in SPLITS:
+                raise DatasetError(f"{at}: split {split!r}: expected one of {', '.join(SPLITS)}")
+            if path in seen:
+                raise DatasetError(f"{at}: {path} is listed twice (under {seen[path]!r} and {split!r}): "
+                                   "expected each shard once")
+            seen[path] = split
+            for key in ("rows", "bytes"):
+                if _field(s, key, int, at) < 0:
+                    raise DatasetError(f"{at}: {key} {s[key]}: expected >= 0")
+            if not re.fullmatch(r"[0-9a-f]{64}", _field(s, "sha256", str, at)):
+                raise DatasetError(f"{at}: sha256: expected 64 hex digits")
+            shards.append({"path": path, "split": split, "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]})
+        created = d.get("created", 0.0)
+        created = float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else 0.0
+        return cls(task=task, extractor=extractor, shards=shards, created=created)
+
+
+_TYPE_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
+
+
+def _field(d: dict, key: str, kind: type, where: str):
+    """d[key], which must be of `kind` (a bool is not an integer); else a DatasetError naming the field
+    and both types (a string "8" where 8 is expected reads the same in a message)."""
+    if key not in d:
+        raise DatasetError(f"{where}: {key}: required field missing")
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DatasetError(f"{where}: {key}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -145,16 +202,34 @@ class DatasetWriter:
         self._counter: dict[str, int] = {}
         self._ids: set[str] = set()
         self._made_dir = False
+        self._write_id = secrets.token_hex(4)  # this write's shard names: never a file already there
         self._check_target(overwrite)
 
     def _check_target(self, overwrite: bool) -> None:
-        manifest = self.res.join(MANIFEST)
+        """The target is empty, or holds a dataset that --overwrite replaces; the previous dataset's
+        shards are noted, to be deleted once the new manifest is published."""
+        res = self.res
+        if res.scheme == "file":
+            check_local_target(res.path, self.uri)
         try:
-            exists = self.res.fs.exists(manifest)
+            exists = res.fs.exists(res.join(MANIFEST))
+            entries = res.fs.ls(res.path, detail=False) if not exists and res.fs.isdir(res.path) else []
         except Exception as e:
             raise StorageError(describe_error(self.uri, e)) from None
         if exists and not overwrite:
-            raise DatasetError(f"{self.res.uri(MANIFEST)} already exists: expected an empty prefix (or --overwrite)")
+            raise DatasetError(f"{res.uri(MANIFEST)} already exists: expected an empty prefix (or --overwrite)")
+        if entries and not overwrite:
+            raise DatasetError(f"{res.uri()}: not empty ({len(entries)} entries) and not a vis4mer dataset: "
+                               "expected an empty folder or prefix (or --overwrite, which never deletes files it "
+                               "did not write)")
+        self.replaced: list[str] = []
+        if exists:
+            try:
+                with res.pa.open_input_stream(res.join(MANIFEST)) as f:
+                    old = Manifest.from_json(f.read().decode(), res.uri(MANIFEST))
+                self.replaced = [s["path"] for s in old.shards]
+            except (DatasetError, UnicodeDecodeError, OSError):
+                pass  # a broken dataset: its files stay (nothing says which are its shards)
 
     def add(self, video_id: str, features: np.ndarray, label, split: str) -> None:
         t = self.task
@@ -202,7 +277,7 @@ class DatasetWriter:
         data = buf.getvalue()
         index = self._counter.get(split, 0)
         self._counter[split] = index + 1
-        name = f"{split}-{index:05d}.parquet"
+        name = f"{split}-{self._write_id}-{index:05d}.parquet"
         path = self.res.join(name)
         if self.res.scheme == "file" and not self._made_dir and not self.res.fs.exists(self.res.path):
             self.res.pa.create_dir(self.res.path, recursive=True)
@@ -225,11 +300,13 @@ class DatasetWriter:
             raise DatasetError(f"{self.uri}: no videos were added: nothing to write")
         manifest = Manifest(task=self.task, extractor=self.extractor,
                             shards=sorted(self.shards, key=lambda s: s["path"]))
-        try:
-            with self.res.pa.open_output_stream(self.res.join(MANIFEST)) as f:
-                f.write(manifest.to_json().encode())
-        except Exception as e:
-            raise StorageError(describe_error(self.res.uri(MANIFEST), e)) from None
+        publish_manifest(self.res, manifest.to_json())
+        self.written.clear()  # published: no longer this writer's to delete
+        for path in self.replaced:  # the previous dataset's shards, now unreferenced
+            try:
+                self.res.pa.delete_file(self.res.join(path))
+            except Exception:  # noqa: BLE001, S110 - a leftover file, never a broken dataset
+                pass
         return manifest
 
     def abort(self) -> None:
@@ -258,6 +335,25 @@ class DatasetWriter:
         except BaseException:
             self.abort()
             raise
+
+
+def publish_manifest(res: Resolved, text: str) -> None:
+    """Writes manifest.json in one step, which publishes a dataset: locally a temporary file renamed over
+    it, on an object store one PUT (atomic there)."""
+    target = res.join(MANIFEST)
+    tmp = res.join(f".{MANIFEST}.{secrets.token_hex(4)}") if res.scheme == "file" else target
+    try:
+        with res.pa.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        if tmp != target:
+            res.pa.move(tmp, target)
+    except Exception as e:
+        if tmp != target:
+            try:
+                res.pa.delete_file(tmp)
+            except Exception:  # noqa: BLE001, S110
+                pass
+        raise StorageError(describe_error(res.uri(MANIFEST), e)) from None
 
 
 def check_label(label, task: TaskSpec, where: str):
@@ -348,7 +444,7 @@ def verify(uri: str, storage: StorageOptions | None = None) -> dict:
     """Full check: hashes, then every value (finite features, labels in range, frame counts)."""
     ds = open_dataset(uri, storage)
     t = ds.task
-    videos = 0
+    videos, seen = 0, {}
     for s in ds.manifest.shards:
         name = ds.res.uri(s["path"])
         with ds.res.pa.open_input_file(ds.res.join(s["path"])) as f:
@@ -360,9 +456,15 @@ def verify(uri: str, storage: StorageOptions | None = None) -> dict:
         for i in range(pf.num_row_groups):
             tbl = pf.read_row_group(i)
             feats = video_features(tbl.column("features"), t.tokens_per_frame, t.feature_dim)
-            for vid, n, label, x in zip(tbl.column("video_id").to_pylist(), tbl.column("num_frames").to_pylist(),
-                                        tbl.column("label").to_pylist(), feats):
+            for vid, split, n, label, x in zip(tbl.column("video_id").to_pylist(), tbl.column("split").to_pylist(),
+                                               tbl.column("num_frames").to_pylist(), tbl.column("label").to_pylist(),
+                                               feats):
                 where = f"shard {name}, video {vid}"
+                if split != s["split"]:
+                    raise DatasetError(f"{where}: split {split!r}, in a shard the manifest lists under {s['split']!r}")
+                if vid in seen:  # e.g. evaluation on training videos
+                    raise DatasetError(f"{where}: also in {seen[vid]}: expected each video once in a dataset")
+                seen[vid] = f"split {split!r} ({name})"
                 if x.shape[0] != n:
                     raise DatasetError(f"{where}: {x.shape[0]} frames: expected num_frames={n}")
                 if not np.isfinite(x).all():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,8 @@ from vis4mer.datasets.errors import UserError
 from vis4mer.datasets.format import DatasetError, DatasetWriter, Manifest
 from vis4mer.datasets.storage import StorageOptions, filesystems
 from vis4mer.datasets.tasks import LIKE_RATIO_SHIFT, LVU_TASKS, VIEW_COUNT_SHIFT, get_task
+
+YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass
@@ -48,7 +51,10 @@ def parse_labels(text: str, task: str, where: str = "labels") -> list[LabelRow]:
                     raise ValueError("too few fields")
                 rows.append(LabelRow(f[-2], int(f[0])))
         except (ValueError, IndexError, ZeroDivisionError) as e:
-            raise DatasetError(f"{where}:{n}: cannot parse {line!r} as a {task} label ({e})") from None
+            raise DatasetError(f"{where}:{n}: cannot parse {line!r:.120} as a {task} label ({e})") from None
+        if not YOUTUBE_ID.fullmatch(rows[-1].youtube_id):  # it names a file under --features: never a path
+            raise DatasetError(f"{where}:{n}: video id {rows[-1].youtube_id!r:.80}: expected a YouTube id "
+                               "(letters, digits, '_' and '-')")
     return rows
 
 
@@ -79,11 +85,17 @@ def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
     with DatasetWriter(out_uri, spec, extractor, storage=storage, shard_bytes=shard_bytes, overwrite=overwrite) as w:
         for split in ("train", "val", "test"):
             path = labels.join(task, f"{split}.csv")
+            where = labels.uri(task, f"{split}.csv")
             try:
-                with labels.fs.open(path, "r") as f:
-                    rows = parse_labels(f.read(), task, where=labels.uri(task, f"{split}.csv"))
+                with labels.fs.open(path, "r", encoding="utf-8-sig") as f:  # a byte-order mark is not content
+                    text = f.read()
             except FileNotFoundError:
-                raise DatasetError(f"{labels.uri(task, f'{split}.csv')}: label file not found") from None
+                raise DatasetError(f"{where}: label file not found") from None
+            except IsADirectoryError:
+                raise DatasetError(f"{where}: is a folder: expected a label file") from None
+            except UnicodeDecodeError:
+                raise DatasetError(f"{where}: not a text file (expected UTF-8 label lines)") from None
+            rows = parse_labels(text, task, where=where)
             for row in rows:
                 npy = feats.join(f"{row.youtube_id}.npy")
                 try:
@@ -92,8 +104,10 @@ def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
                 except FileNotFoundError:
                     report.missing.setdefault(split, []).append(row.youtube_id)
                     continue
-                except ValueError as e:
-                    raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: not a readable .npy ({e})") from None
+                except (ValueError, EOFError, OSError) as e:  # empty, truncated, not an array, a folder
+                    raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: not a readable .npy "
+                                       f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})"
+                                       ) from None
                 if x.ndim != 3 or x.shape[1:] != (197, 1024):
                     raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: shape {x.shape}: "
                                        "expected (frames, 197, 1024)")

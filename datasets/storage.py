@@ -148,6 +148,32 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
     return Resolved("gs", path, pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs)
 
 
+def safe_relative(path: str, what: str, error: type[Exception] = StorageError) -> str:
+    """A path taken from data (a manifest's shard, a label file's video id), checked before it is joined
+    under its root: relative, '/'-separated, normalised (no '', '.' or '..' part) and without a scheme
+    or drive, so that it stays inside the root. Returns it unchanged; else raises `error`."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if (not parts or any(p in ("", ".", "..") for p in parts) or "\\" in path or "\x00" in path
+            or "://" in path or ":" in parts[0] or path != path.strip()):
+        raise error(f"{what} {path!r:.120}: expected a relative path inside the dataset (no '..', no leading '/', "
+                    "no scheme)")
+    return path
+
+
+def check_local_target(path: str, uri: str) -> None:
+    """A local folder that can be written as a dataset: not a file, not under a file."""
+    p = os.path.abspath(path)
+    if os.path.isfile(p):
+        raise StorageError(f"{uri}: is a file: expected a folder (or a path that does not exist yet)")
+    parent = os.path.dirname(p)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise StorageError(f"{uri}: {parent} is a file, not a folder")
+    if parent and not os.access(parent if not os.path.exists(p) else p, os.W_OK):
+        raise StorageError(f"{uri}: not writable (permission denied on {parent if not os.path.exists(p) else p})")
+
+
 def describe_error(uri: str, e: BaseException) -> str:
     """A one-line reason for a storage failure (credentials, bucket, network), naming the URI."""
     text = str(e)

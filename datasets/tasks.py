@@ -9,7 +9,8 @@ Facts from ../shared/spec/vis4mer-model.md (sections 1, 4, 5):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 from vis4mer.datasets.errors import UserError
 
@@ -39,7 +40,25 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> TaskSpec:
-        return cls(**d)
+        """A task from its dict (a manifest's task section), every field checked for its type and value."""
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(d) - set(hints), key=str)
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}")
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING:
+                    raise UserError(f"{f.name}: required field missing")
+                continue
+            value, want = d[f.name], hints[f.name]
+            ok = (isinstance(value, int) and not isinstance(value, bool) if want is int
+                  else isinstance(value, str) if want is str else value is None or isinstance(value, str))
+            if not ok:
+                expected = want.__name__ if isinstance(want, type) else "a string or null"
+                raise UserError(f"{f.name}: expected {expected}, got {type(value).__name__} {value!r:.60}")
+        task = cls(**d)
+        task.validate()
+        return task
 
     def validate(self) -> None:
         if self.type not in ("classification", "regression"):

@@ -27,19 +27,16 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML that refuses what would make a file mean something else than it reads: a key given
-    twice (the last one would silently win), and documents that expand past MAX_YAML_NODES nodes or
-    MAX_YAML_DEPTH levels (aliases of aliases grow exponentially)."""
+    twice (the last one would silently win), and documents nested deeper than MAX_YAML_DEPTH or
+    that expand past MAX_YAML_NODES values (aliases of aliases: a 1-KB file can stand for billions,
+    and every reader that walks it would take that long)."""
 
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._nodes = 0
-
-    def construct_object(self, node, deep=False):
-        self._nodes += 1
-        if self._nodes > MAX_YAML_NODES:
-            raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_YAML_NODES} values (aliases "
-                                                    "expanding?)", node.start_mark)
-        return super().construct_object(node, deep)
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values once its aliases are "
+                                              "expanded", node.start_mark)
+        return node
 
     def compose_node(self, parent, index):
         depth = getattr(self, "_depth", 0)
@@ -64,6 +61,21 @@ class _Loader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Values in `node` with every alias expanded, counted in time linear in the file (memoised)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node that contains itself counts once
+    if isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(c, memo) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        n = 1
+    memo[id(node)] = min(n, MAX_YAML_NODES + 1)
+    return memo[id(node)]
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))

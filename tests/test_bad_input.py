@@ -139,3 +139,167 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, good_datas
 def test_the_catalogue_is_at_least_25_cases_across_every_kind():
     kinds = {c[0].split("-")[0] for c in CASES}
     assert len(CASES) >= 25 and {"config", "sweep", "data", "uri", "secret", "cli"} <= kinds
+
+
+# --- the second round: one case per mechanism (docs/reliability.md, "Bad input: the mechanisms") ---
+SECRET_VAR, SECRET = "VIS4MER_TEST_SECRET", "s3ntinel-Secret-2b9e"
+ROOT = Path(SYNTH).parents[1]
+
+
+def _manifest_edit(good: str, where: Path, edit) -> str:
+    out = where / "edited"
+    shutil.copytree(good, out)
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return str(out)
+
+
+def _lvu(where: Path, label_line: str, npy: bytes | None = None) -> list[str]:
+    import numpy as np
+
+    (where / "labels" / "genre").mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (where / "labels" / "genre" / f"{split}.csv").write_text(f"class_id class youtube_id imdb_id\n{label_line}\n")
+    (where / "feats").mkdir()
+    if npy is None:
+        np.save(where / "feats" / "abcdefghijk.npy", np.zeros((2, 197, 1024), np.float16))
+    else:
+        (where / "feats" / "abcdefghijk.npy").write_bytes(npy)
+    return ["data", "import-lvu", "--task", "genre", "--labels", str(where / "labels"), "--features",
+            str(where / "feats"), "--out", str(where / "out")]
+
+
+def _file(where: Path, name: str, text: str) -> str:
+    (where / name).write_text(text)
+    return str(where / name)
+
+
+def _sqlite_store(where: Path, body: bytes) -> str:
+    (where / "m.db").write_bytes(body)
+    return f"sqlite:///{where}/m.db"
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(7))
+K8S = ["k8s", "render", "sweeps/lvu_genre.yaml", "data.uri=s3://b/d", "run.storage_path=s3://b/r",
+       "--mlflow-uri", "http://mlflow:5000", "--image", "localhost:5000/vis4mer:0.1.0", "--workers", "1",
+       "--gpus-per-worker", "1"]
+
+MECHANISMS = [
+    # 1. no interpolation, no credentials in URIs, anywhere a config is read
+    ("m01-interpolation-override", lambda t, g: ["train", SYNTH, "schedule.kind=${oc.env:" + SECRET_VAR + "}"],
+     "schedule.kind: an interpolation"),
+    ("m01-interpolation-yaml", lambda t, g: ["train", _file(t, "c.yaml", "run:\n  name: ${oc.env:" + SECRET_VAR
+                                                            + "}\n")], "run.name: an interpolation"),
+    ("m01-interpolation-sweep", lambda t, g: ["sweep", _sweep(t, overrides={"run.storage_path": "${oc.env:"
+                                                                              + SECRET_VAR + "}"})], "interpolation"),
+    ("m01-credentials-in-uri", lambda t, g: ["submit", SYNTH, f"tracking.tracking_uri=http://u:{SECRET}@h:5000",
+                                             "--address", "http://127.0.0.1:1"], "a user name or password"),
+    # 2. paths from manifests and label files stay inside their root
+    ("m02-manifest-traversal", lambda t, g: ["data", "verify", _manifest_edit(
+        g, t, lambda m: m["shards"][0].update(path="../../other/x.parquet"))], "expected a relative path inside"),
+    ("m02-label-id-traversal", lambda t, g: _lvu(t, "0 Drama ../x/y tt01"), "expected a YouTube id"),
+    # 3. writes are all-or-nothing and never replace a user's file
+    ("m03-synth-into-non-empty", lambda t, g: ["data", "synth", str(t.parent / _file(t, "notes.txt", "mine")).rsplit(
+        "/", 1)[0]], "not empty"),
+    # 4. full matches: a trailing newline is not a name
+    ("m04-newline-in-name", lambda t, g: [*K8S, "--name", "job\n"], "metadata.name"),
+    ("m04-newline-in-sweep-name", lambda t, g: ["sweep", _sweep(t, name="x\n")], "expected a name"),
+    # 5. ordinary mistakes are one line, not a traceback
+    ("m05-out-is-a-folder", lambda t, g: [*K8S, "--out", str(t)], "is a folder"),
+    ("m05-out-under-a-file", lambda t, g: [*K8S, "--out", _file(t, "f", "x") + "/job.yaml"], "is a file"),
+    ("m05-sweep-is-a-folder", lambda t, g: ["sweep", str(t)], "is a folder"),
+    ("m05-label-file-is-a-folder", lambda t, g: (_lvu(t, "0 Drama abcdefghijk tt01"),
+                                                 (t / "labels" / "genre" / "val.csv").unlink(),
+                                                 (t / "labels" / "genre" / "val.csv").mkdir())[0], "is a folder"),
+    ("m05-inf-option", lambda t, g: ["data", "synth", str(t / "o"), "--shard-mb", "inf"], "--shard-mb"),
+    ("m05-empty-npy", lambda t, g: _lvu(t, "0 Drama abcdefghijk tt01", npy=b""), "not a readable .npy"),
+    ("m05-deep-yaml", lambda t, g: ["train", _file(t, "d.yaml", "a: " + "[" * 3000 + "]" * 3000 + "\n")],
+     "nested deeper"),
+    ("m05-deep-json", lambda t, g: ["data", "inspect", _manifest_edit(g, t, lambda m: m.update(
+        extractor=json.loads("[" * 900 + "]" * 900)))], "manifest"),
+    ("m05-tracking-uri-text-file", lambda t, g: ["best", "--tracking-uri", _sqlite_store(t, b"just text")],
+     "not an MLflow store"),
+    ("m05-tracking-uri-folder", lambda t, g: ["report", "demo", "--tracking-uri", f"sqlite:///{t}"], "is a folder"),
+    # 6. messages name the file and field, and show types when values look alike
+    ("m06-binary-sweep", lambda t, g: ["sweep", str(t / "s.yaml")] if (t / "s.yaml").write_bytes(b"\xff\xfe\x00bin")
+     else [], "s.yaml: not a text file"),
+    ("m06-string-rows", lambda t, g: ["data", "verify", _manifest_edit(g, t, lambda m: m["shards"][0].update(
+        rows=str(m["shards"][0]["rows"])))], "rows: expected an integer, got str"),
+    # 7. one YAML loader: duplicate keys refused by every reader
+    ("m07-duplicate-key-sweep", lambda t, g: ["sweep", _file(t, "s.yaml", "name: a\nname: b\n")], "duplicate key"),
+    ("m07-duplicate-key-k8s", lambda t, g: ["k8s", "validate", _file(t, "j.yaml", "kind: RayJob\nkind: RayJob\n")],
+     "duplicate key"),
+    # 8. names go into MLflow filters: restricted before any work
+    ("m08-quote-in-sweep-name", lambda t, g: ["sweep", _sweep(t, name="it's")], "expected a name"),
+    ("m08-quote-in-best", lambda t, g: ["best", "--sweep", "a' OR '1'='1"], "expected a name"),
+    # 9. readers never create a store and never hang
+    ("m09-empty-sqlite-file", lambda t, g: ["best", "--tracking-uri", _sqlite_store(t, b"")], "not an MLflow store"),
+    ("m09-unreachable-server", lambda t, g: ["best", "--tracking-uri", "http://127.0.0.1:1"], "no answer"),
+    # 10. cloud render validates what reaches a shell
+    ("m10-cloud-image", lambda t, g: ["cloud", "render", "--provider", "aws", "--image", "ray; curl x | sh"],
+     "--image"),
+    ("m10-cloud-project", lambda t, g: ["cloud", "render", "--provider", "gcp", "--project", "p$(id)"], "--project"),
+    # 11. YAML aliases cannot blow up
+    ("m11-alias-bomb", lambda t, g: ["k8s", "validate", _file(t, "b.yaml", ALIAS_BOMB)], "aliases are expanded"),
+    # 12. impossible values
+    ("m12-lr-inf", lambda t, g: ["train", SYNTH, "optim.lr=inf"], "optim.lr=inf: expected a finite number"),
+    ("m12-min-lr", lambda t, g: ["train", SYNTH, "schedule.min_lr=-1"], "schedule.min_lr"),
+    ("m12-shuffle-buffer", lambda t, g: ["train", SYNTH, "data.shuffle_buffer=-5"], "data.shuffle_buffer"),
+    ("m12-huge-seed", lambda t, g: ["train", SYNTH, f"train.seed={2**64}"], "train.seed"),
+    ("m12-inf-cpus", lambda t, g: ["train", SYNTH, "scaling.cpus_per_worker=inf"], "scaling.cpus_per_worker"),
+    ("m12-dropout-range", lambda t, g: ["sweep", _sweep(t, search_space={"model.dropout": {"uniform": [0.0, 5.0]}})],
+     "model.dropout=5.0"),
+    ("m12-sweep-named-null", lambda t, g: ["sweep", _sweep(t, name=None)], "name None"),
+    ("m12-negative-shard-size", lambda t, g: ["data", "synth", str(t / "o"), "--shard-mb", "-1"], "--shard-mb"),
+    # 13. names never leave the storage path
+    ("m13-dotdot-run-name", lambda t, g: ["train", SYNTH, "run.name=.."], "run.name"),
+    ("m13-dotdot-sweep-name", lambda t, g: ["sweep", _sweep(t, name="..")], "expected a name"),
+    # 14. verify catches inconsistent datasets
+    ("m14-unknown-split", lambda t, g: ["data", "verify", _manifest_edit(
+        g, t, lambda m: m["shards"][0].update(split="holdout"))], "split 'holdout'"),
+    ("m14-shard-in-two-splits", lambda t, g: ["data", "verify", _manifest_edit(
+        g, t, lambda m: m["shards"].append(dict(m["shards"][0], split="val")))], "listed twice"),
+    # 15. the k8s checks agree with Kubernetes
+    ("m15-workers-beyond-int32", lambda t, g: [*K8S[:-4], "--workers", str(2**31), "--gpus-per-worker", "1"],
+     "--workers"),
+]
+
+
+@pytest.mark.parametrize("case", MECHANISMS, ids=[c[0] for c in MECHANISMS])
+def test_each_mechanism_keeps_the_contract(case, tmp_path, good_dataset, monkeypatch):
+    """Would have broken the contract before the second round (a traceback, a secret in the output,
+    a file replaced, a value accepted); each case is one mechanism's representative."""
+    from tests.support.cli import assert_contract, files_under, run_main
+
+    monkeypatch.setenv(SECRET_VAR, SECRET)
+    monkeypatch.chdir(ROOT)
+    _, build, expected = case
+    (tmp_path / "work").mkdir()
+    argv = build(tmp_path / "work", good_dataset)
+    before = files_under(tmp_path)
+    r = run_main(argv, ROOT)
+    after = files_under(tmp_path)
+    assert_contract(r, argv, SECRET, {k: v for k, v in after.items() if before.get(k) != v})
+    assert r.code == 2, (argv, r.out[-500:])
+    assert expected in r.err, r.err
+    assert after == before  # nothing written, nothing replaced
+
+
+def test_positive_twins_of_the_mechanisms(tmp_path, good_dataset):
+    """What the mechanisms must still let through: an image with a registry port, a CSV with
+    Excel's byte-order mark, a dataset overwritten on purpose."""
+    from tests.support.cli import run_main
+    from vis4mer.datasets.extract import read_labels
+    from vis4mer.datasets.tasks import get_task
+
+    r = run_main([*K8S, "--out", str(tmp_path / "job.yaml")], ROOT)
+    assert r.code == 0, r.err
+    (tmp_path / "l.csv").write_text("\ufeffvideo_id,label,split\nv1,2,val\n", encoding="utf-8")
+    assert read_labels(str(tmp_path / "l.csv"), get_task("breakfast"), None) == {"v1": (2, "val")}
+    out = str(tmp_path / "ds")
+    for overwrite in ([], ["--overwrite"]):
+        assert run_main(["data", "synth", out, "--videos", "4", "2", "2", "--frames", "8", *overwrite],
+                        tmp_path).code == 0
+    assert run_main(["data", "verify", out], tmp_path).code == 0

@@ -253,3 +253,40 @@ def test_the_local_ray_vis4mer_starts_listens_on_loopback_only(cli_train_run):
     wide = {sock: owner for sock, owner in started.items() if not is_loopback(sock[0])}
     assert all(owner.startswith("ray::RayTrainWorker") for owner in wide.values()), wide
     assert len(wide) <= 1, wide  # the one rendezvous store of the run's one process group
+
+
+def test_metrics_pending_at_the_end_are_flushed_and_the_run_closed(mlflow_server, monkeypatch, capsys):
+    """The MLflow server unreachable through the last epoch: the rank-0 logger keeps the metrics, and
+    at the end of training sends them with a bounded retry; the driver closes the run the same way,
+    and a server that stays down costs a warning, not the run (no Ray: the logger and the driver's
+    call, as the loop and the driver make them)."""
+    from mlflow.tracking import MlflowClient
+
+    from vis4mer.orchestrator.train import tracking, worker
+    from vis4mer.orchestrator.train.config import load_config
+
+    port = int(mlflow_server.rsplit(":", 1)[1])
+    proxy = TcpProxy(port)
+    proxy.up()
+    monkeypatch.setattr(worker, "FINAL_FLUSH_WAITS_S", (0.2, 0.2))
+    monkeypatch.setattr(tracking, "FINISH_WAITS_S", (0.2, 0.2))
+    try:
+        client = MlflowClient(mlflow_server)
+        exp = client.create_experiment(f"flush-{time.time_ns()}")
+        run_id = client.create_run(exp).info.run_id
+        logger = worker.MlflowEpochLogger(proxy.endpoint, run_id)
+        logger.log({"train_loss": 1.0}, step=0)
+        proxy.down()
+        logger.log({"train_loss": 0.5}, step=1)  # the last epoch: the server is gone
+        assert len(logger.pending) == 1
+        assert logger.flush() is False  # still down after the retries: a warning
+        assert "metrics were not logged" in capsys.readouterr().err
+        cfg = load_config(None, ["data.uri=x", f"tracking.tracking_uri={proxy.endpoint}"])
+        assert tracking.finish_run(cfg, run_id) is False
+        proxy.up()
+        assert logger.flush() is True and not logger.pending
+        assert tracking.finish_run(cfg, run_id) is True
+        assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [1.0, 0.5]
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        proxy.close()

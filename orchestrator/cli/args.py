@@ -5,13 +5,14 @@ import argparse
 import math
 
 from vis4mer.datasets.storage import StorageOptions
+from vis4mer.orchestrator.secret_names import redact
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse's own errors as one line and exit code 2 (usage is in --help)."""
+    """argparse's own errors as one line and exit code 2 (usage is in --help), secrets redacted."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
 
 
 def _int_at_least(minimum: int, what: str):

@@ -37,13 +37,13 @@ def _render(a) -> int:
               f"# Worker pods: 0 to {a.workers}, each {sizing.pod_gpus} GPU(s), {sizing.pod_cpus} CPUs, {a.memory}; "
               f"at most {sizing.max_trials} trial(s) at once at full size\n")
     text = dump_yaml(job, header)
-    for note in sizing.notes:
-        print(f"vis4mer k8s render: note: {note}", file=sys.stderr)
     if a.out:
         write_atomic(a.out, text)
         print(f"wrote {a.out}: RayJob {name} (namespace {ns})", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    for note in sizing.notes:  # after the output: an error above stays the one line on stderr
+        print(f"vis4mer k8s render: note: {note}", file=sys.stderr)
     return 0
 
 

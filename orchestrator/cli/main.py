@@ -1,7 +1,8 @@
 """The `vis4mer` command line: one parser, a module per group of commands (cli/*.py).
 
 A user's mistake (vis4mer.datasets.errors.UserError: a bad option, value, file or URI) prints one
-line naming the culprit and exits with code 2, without a traceback. Anything else is a bug inside
+line naming the culprit and exits with code 2, without a traceback; the line passes through
+`redact` (no URI credentials, no secret environment value). Anything else is a bug inside
 vis4mer: its traceback is shown and the exit code is 1.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from vis4mer.datasets.errors import UserError
 from vis4mer.orchestrator.cli import cloud, data, extract, jobs, k8s, sweep, train
 from vis4mer.orchestrator.cli.args import Parser
+from vis4mer.orchestrator.secret_names import redact
 
 
 def build_parser() -> Parser:
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"vis4mer {args.command}: error: {e}", file=sys.stderr)
+        print(f"vis4mer {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -6,10 +6,10 @@ from vis4mer.orchestrator.cli.args import positive_int
 
 def _sweep(a) -> int:
     from vis4mer.orchestrator.sweep.spec import load_sweep
-    from vis4mer.orchestrator.train.config import ConfigError
+    from vis4mer.orchestrator.train.config import ConfigError, check_name
 
     if a.resume:
-        spec = load_sweep(a.resume_file or f"sweeps/{a.sweep}.yaml", a.overrides)
+        spec = load_sweep(a.resume_file or f"sweeps/{check_name(a.sweep, '--resume')}.yaml", a.overrides)
     else:
         if a.sweep is None:
             raise ConfigError("expected SWEEP.yaml (or --resume NAME)")
@@ -31,23 +31,30 @@ def _sweep(a) -> int:
 
 def _best(a) -> int:
     from vis4mer.orchestrator.sweep.best import best_trials, format_table, write_best_config
-    from vis4mer.orchestrator.train.tracking import default_tracking_uri
+    from vis4mer.orchestrator.train.config import check_name
+    from vis4mer.orchestrator.train.tracking import default_tracking_uri, reading_store
 
+    if a.sweep is not None:
+        check_name(a.sweep, "--sweep")
     uri = a.tracking_uri or default_tracking_uri()
-    metric, mode, rows = best_trials(uri, a.experiment, a.sweep, a.metric, a.top)
-    print(f"best trials by {metric} ({mode}):")
-    print(format_table(metric, rows))
-    print(f"wrote {write_best_config(uri, rows[0], a.out)}")
+    with reading_store(uri):
+        metric, mode, rows = best_trials(uri, a.experiment, a.sweep, a.metric, a.top)
+        print(f"best trials by {metric} ({mode}):")
+        print(format_table(metric, rows))
+        print(f"wrote {write_best_config(uri, rows[0], a.out)}")
     return 0
 
 
 def _report(a) -> int:
     from vis4mer.orchestrator.sweep.report import make_report
     from vis4mer.orchestrator.sweep.spec import report_dir
-    from vis4mer.orchestrator.train.tracking import default_tracking_uri
+    from vis4mer.orchestrator.train.config import check_name
+    from vis4mer.orchestrator.train.tracking import default_tracking_uri, reading_store
 
+    check_name(a.name, "sweep")
     uri = a.tracking_uri or default_tracking_uri()
-    paths = make_report(uri, a.experiment, a.name, a.out or report_dir(a.name), a.metric)
+    with reading_store(uri):
+        paths = make_report(uri, a.experiment, a.name, a.out or report_dir(a.name), a.metric)
     for path in paths:
         print(f"plot: {path}")
     print(f"logged to the parent run of sweep {a.name!r} (artifacts report/)")

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vis4mer.orchestrator.deploy.names import check_gcp_project, check_image
 from vis4mer.orchestrator.deploy.schema import json_path, schema_error
 from vis4mer.orchestrator.files import dump_yaml, load_yaml
 from vis4mer.orchestrator.secret_names import names_secret
@@ -65,6 +66,8 @@ GCP_CLOUD_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 REMOTE_DIR = "~/vis4mer"  # the repository, synced by file_mounts and pip-installed on every node
 
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,30}[a-z0-9])?$")
+_PLAIN = re.compile(r"[A-Za-z0-9:/_.@=,+-]{1,512}")  # identities and machine images: nothing a shell reads
+INT32_MAX = 2**31 - 1  # max_workers and the like are int32 in the cluster launcher and Kubernetes
 
 
 def ray_version() -> str:
@@ -145,7 +148,7 @@ def _cluster_name(name: str | None, sweep) -> str:
     if name is None:
         base = f"vis4mer-{sweep.name}" if sweep is not None else "vis4mer"
         name = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")[:32].rstrip("-")
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(f"cluster_name {name!r}: expected lowercase letters, digits and '-', starting with "
                           "a letter, at most 32 characters (GCP instance names)")
     return name
@@ -154,10 +157,10 @@ def _cluster_name(name: str | None, sweep) -> str:
 def _region_zone(provider: str, region: str | None) -> tuple[str, str]:
     region = region or DEFAULT_REGION[provider]
     if provider == "aws":
-        if not re.match(r"^[a-z]{2}(-gov)?-[a-z]+-\d$", region):
+        if not isinstance(region, str) or not re.fullmatch(r"[a-z]{2}(-gov)?-[a-z]+-\d", region):
             raise ConfigError(f"--region {region!r}: expected an AWS region such as us-west-2")
         return region, f"{region}a,{region}b,{region}c"
-    m = re.match(r"^([a-z]+-[a-z]+\d)(-[a-z])?$", region)
+    m = re.fullmatch(r"([a-z]+-[a-z]+\d)(-[a-z])?", region) if isinstance(region, str) else None
     if not m:
         raise ConfigError(f"--region {region!r}: expected a GCP region or zone such as us-central1 or us-central1-a")
     return m.group(1), region if m.group(2) else f"{region}-a"
@@ -214,8 +217,17 @@ def render_cluster(provider: str, sweep=None, workers: int | None = None, gpu_ty
     if gpu_type not in table:
         raise ConfigError(f"gpu type {gpu_type!r}: not offered on {provider} here; expected one of "
                           f"{', '.join(sorted(table))}")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise ConfigError(f"workers={workers!r}: expected a positive integer")
+    if workers is not None and (not isinstance(workers, int) or not 1 <= workers <= INT32_MAX):
+        raise ConfigError(f"workers={workers!r}: expected a positive integer (at most {INT32_MAX})")
+    if image is not None:
+        check_image("--image", image)
+    if project is not None:
+        check_gcp_project("--project", project)
+    for flag, value in (("--head-identity", head_identity), ("--worker-identity", worker_identity),
+                        ("--machine-image", machine_image)):
+        if value is not None and (not isinstance(value, str) or not _PLAIN.fullmatch(value)):
+            raise ConfigError(f"{flag}={value!r:.120}: expected an ARN, e-mail, image id or path (letters, digits "
+                              "and :/_.@=,+-; the launcher passes it through a shell)")
     machine, accel, node_gpus, node_cpus = table[gpu_type]
     name = _cluster_name(cluster_name, sweep)
     region, zone = _region_zone(provider, region)

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from vis4mer.orchestrator.deploy.names import check_image
 from vis4mer.orchestrator.deploy.schema import json_path, schema_error
 from vis4mer.orchestrator.files import PROJECT_ROOT, load_yaml_documents, parse_yaml
 from vis4mer.orchestrator.secret_names import names_secret
@@ -62,13 +63,15 @@ CREDENTIALS = (  # env name, optional: the keys of the Secret (`kubectl create s
 MAX_NAME = {"RayJob": 47, "RayCluster": 53}  # KubeRay: 63 - len("-serve-svc"), minus 6 for a RayJob's cluster
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 DRIVER_CPUS = 1  # per pod, for the Tune trial drivers (each asks for a fraction of a CPU, never 0)
+INT32_MAX = 2**31 - 1  # replicas, TTLs and deadlines are int32 in the KubeRay CRDs
+MAX_POD_GPUS = 64  # more GPUs than any node has: a typo, not a plan
+MAX_POD_CPUS = 4096
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
                        r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
-_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._\-/]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})?(@sha256:[a-f0-9]{64})?$")
 # The entrypoint is parsed by two shells (KubeRay's submitter script, then Ray's job supervisor),
 # so override values keep to characters that mean nothing to a shell except as a glob that matches
 # no file; single quotes protect them in the first shell.
@@ -93,10 +96,13 @@ class Sizing:
 def plan_resources(spec: SweepSpec, cfg: Config, workers: int, gpus_per_worker: int,
                    cpus_per_worker: int | None = None) -> Sizing:
     sc, need = cfg.scaling, run_resources(cfg.scaling)
-    if workers < 1:
-        raise ConfigError(f"--workers={workers}: expected >= 1 (the most GPU pods the autoscaler may start)")
-    if gpus_per_worker < 1:
-        raise ConfigError(f"--gpus-per-worker={gpus_per_worker}: expected >= 1")
+    if not 1 <= workers <= INT32_MAX:
+        raise ConfigError(f"--workers={workers}: expected 1 to {INT32_MAX} (the most GPU pods the autoscaler may "
+                          "start; Kubernetes counts replicas in int32)")
+    if not 1 <= gpus_per_worker <= MAX_POD_GPUS:
+        raise ConfigError(f"--gpus-per-worker={gpus_per_worker}: expected 1 to {MAX_POD_GPUS}")
+    if cpus_per_worker is not None and not 1 <= cpus_per_worker <= MAX_POD_CPUS:
+        raise ConfigError(f"--cpus-per-worker={cpus_per_worker}: expected 1 to {MAX_POD_CPUS}")
     per_worker_cpus = math.ceil(sc.cpus_per_worker)
     default = gpus_per_worker * (per_worker_cpus + DATA_CPUS) + DRIVER_CPUS
     pod_cpus = cpus_per_worker if cpus_per_worker is not None else default
@@ -135,7 +141,7 @@ def _apply_overrides(spec: SweepSpec, overrides: list[str]) -> SweepSpec:
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r}: expected key=value")
-        if not _SAFE_ARG.match(o):
+        if not _SAFE_ARG.fullmatch(o):
             raise ConfigError(f"override {o!r}: expected only letters, digits and _.,:/=+-@%[] (the entrypoint "
                               "goes through two shells); put other values in the sweep or training YAML")
         k, v = o.split("=", 1)
@@ -162,7 +168,8 @@ def _object_store(key: str, uri: str) -> None:
 
 def _check_mlflow_uri(uri: str, key: str = "--mlflow-uri") -> None:
     u = urlsplit(uri)
-    if u.username or u.password or u.query or u.fragment or not _SAFE_ARG.match(uri):  # never echoed: may hold a secret
+    # never echoed: it may hold a secret
+    if u.username or u.password or u.query or u.fragment or not _SAFE_ARG.fullmatch(uri):
         raise ConfigError(f"{key}: expected a plain http(s)://host[:port][/path], without credentials or "
                           "query: the token comes from the Secret (MLFLOW_TRACKING_TOKEN)")
     if u.scheme not in ("http", "https") or not u.hostname:
@@ -170,7 +177,7 @@ def _check_mlflow_uri(uri: str, key: str = "--mlflow-uri") -> None:
 
 
 def _quantity(flag: str, value: str) -> str:
-    if not isinstance(value, str) or not _QUANTITY.match(value):
+    if not isinstance(value, str) or not _QUANTITY.fullmatch(value):
         raise ConfigError(f"{flag}={value!r}: expected a Kubernetes quantity such as 64Gi")
     return value
 
@@ -262,16 +269,15 @@ def render(spec: SweepSpec, image: str, workers: int, gpus_per_worker: int, cpus
     overrides = list(overrides or [])
     if not spec.path:
         raise ConfigError(f"sweep {spec.name!r}: no file; render a sweep loaded from sweeps/*.yaml")
-    if not isinstance(image, str) or not _IMAGE.match(image):
-        raise ConfigError(f"--image={image!r}: expected an image reference such as registry.example.com/vis4mer:0.1.0")
-    if not _DNS1123_LABEL.match(namespace or "") or len(namespace) > 63:
+    check_image("--image", image)
+    if not _DNS1123_LABEL.fullmatch(namespace or "") or len(namespace) > 63:
         raise ConfigError(f"--namespace={namespace!r}: expected a DNS-1123 label (lower-case letters, digits, '-')")
-    if not _DNS1123_SUBDOMAIN.match(secret_name or "") or len(secret_name) > 253:
+    if not _DNS1123_SUBDOMAIN.fullmatch(secret_name or "") or len(secret_name) > 253:
         raise ConfigError(f"--secret={secret_name!r}: expected a Secret name (lower-case letters, digits, '-', '.')")
     _quantity("--memory", memory)
     _quantity("--head-memory", head_memory)
-    if ttl_seconds < 0:
-        raise ConfigError(f"--ttl-seconds={ttl_seconds}: expected >= 0")
+    if not 0 <= ttl_seconds <= INT32_MAX:
+        raise ConfigError(f"--ttl-seconds={ttl_seconds}: expected 0 to {INT32_MAX}")
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("tracking.tracking_uri=")]
     if mlflow_uri:
         _check_mlflow_uri(mlflow_uri)
@@ -340,6 +346,20 @@ def _strict(schema: Any) -> Any:
     return out
 
 
+def _int_formats():
+    """The CRDs' `format: int32|int64` (replicas, TTLs, deadlines), which the API server enforces and
+    jsonschema only checks when told."""
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker(formats=())
+    for name, bits in (("int32", 32), ("int64", 64)):
+        checker.checks(name)(lambda v, bits=bits: not isinstance(v, int) or -(2 ** (bits - 1)) <= v < 2 ** (bits - 1))
+    return checker
+
+
+_INT_FORMATS = _int_formats()
+
+
 @lru_cache(maxsize=4)
 def _validator(kind: str, folder: str):
     from jsonschema import Draft7Validator
@@ -355,7 +375,7 @@ def _validator(kind: str, folder: str):
     versions = [v for v in (crd.get("spec") or {}).get("versions", []) if v.get("name") == "v1"]
     if not versions:
         raise ConfigError(f"{path}: no version v1 in the CRD")
-    return Draft7Validator(_strict(versions[0]["schema"]["openAPIV3Schema"]))
+    return Draft7Validator(_strict(versions[0]["schema"]["openAPIV3Schema"]), format_checker=_INT_FORMATS)
 
 
 def validate_manifest(obj: Any, where: str = "manifest") -> None:
@@ -383,12 +403,12 @@ def validate_manifest(obj: Any, where: str = "manifest") -> None:
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         fail("metadata.name", "required field missing")
-    if len(name) > MAX_NAME[kind] or not _DNS1035.match(name):
+    if len(name) > MAX_NAME[kind] or not _DNS1035.fullmatch(name):
         fail("metadata.name", f"{name!r}: expected a DNS-1035 label (a lower-case letter, then lower-case letters, "
                               "digits, '-') "
                               f"of at most {MAX_NAME[kind]} characters (KubeRay's limit for a {kind})")
     ns = meta.get("namespace")
-    if ns is not None and (not isinstance(ns, str) or not _DNS1123_LABEL.match(ns) or len(ns) > 63):
+    if ns is not None and (not isinstance(ns, str) or not _DNS1123_LABEL.fullmatch(ns) or len(ns) > 63):
         fail("metadata.namespace", f"{ns!r}: expected a DNS-1123 label")
     spec = obj.get("spec")
     if not isinstance(spec, dict):
@@ -460,7 +480,10 @@ def _check_cluster(spec: dict, at: str, fail) -> None:
             if gname in names:
                 fail(f"{path}.groupName", f"{gname!r} used twice")
             names.add(gname)
-            lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
+            lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", INT32_MAX)
+            for key in ("replicas", "minReplicas", "maxReplicas"):
+                if isinstance(g.get(key), int) and not 0 <= g[key] <= INT32_MAX:
+                    fail(f"{path}.{key}", f"{g[key]}: expected 0 to {INT32_MAX} (int32)")
             if lo > hi:
                 fail(f"{path}.minReplicas", f"{lo} > maxReplicas {hi}")
             if g.get("replicas") is not None and not lo <= g["replicas"] <= hi:

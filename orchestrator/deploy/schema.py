@@ -41,6 +41,9 @@ def schema_error(e, patterns: dict[str, str] | None = None, schema_name: str = "
         return f"{json_path(parts)}: expected {bound} {e.validator_value}, got {_shown(instance)}"
     if v == "pattern" and e.validator_value in (patterns or {}):
         return f"{json_path(parts)}: {_shown(instance)} is not {patterns[e.validator_value]}"
+    if v == "format" and e.validator_value in ("int32", "int64"):
+        fmt = e.validator_value
+        return f"{json_path(parts)}: {_shown(instance)}: expected an {fmt} (a {fmt[3:]}-bit integer)"
     if v == "anyOf" and e.schema.get("x-kubernetes-int-or-string"):
         return f"{json_path(parts)}: expected an integer or a string, got {_shown(instance)}"
     return f"{json_path(parts)}: {e.message}"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from vis4mer.datasets.tasks import metric_mode
 from vis4mer.orchestrator.files import write_atomic
-from vis4mer.orchestrator.sweep.lookup import check_store, children, experiment_ids, latest_parent, where
+from vis4mer.orchestrator.sweep.lookup import children, experiment_ids, latest_parent, where
 from vis4mer.orchestrator.train.config import ConfigError
-from vis4mer.orchestrator.train.tracking import Tag
+from vis4mer.orchestrator.train.tracking import Tag, check_tracking_uri
 
 
 @dataclass
@@ -30,7 +30,7 @@ def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, me
                 top: int = 5) -> tuple[str, str, list[TrialRow]]:
     from mlflow.tracking import MlflowClient
 
-    check_store(tracking_uri)  # before the client, which would create an empty store
+    check_tracking_uri(tracking_uri, reading=True)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
     parent = latest_parent(client, exp_ids, sweep, tracking_uri, experiment)

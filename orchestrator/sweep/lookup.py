@@ -2,18 +2,8 @@
 `vis4mer report` read. Reading never creates a store."""
 from __future__ import annotations
 
-import os
-
 from vis4mer.orchestrator.train.config import ConfigError
-from vis4mer.orchestrator.train.tracking import Tag, latest_run
-
-
-def check_store(tracking_uri: str) -> None:
-    """Reading never creates: a sqlite store that does not exist is an error, not a new empty file."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///"):]
-        if not os.path.exists(path):
-            raise ConfigError(f"--tracking-uri {tracking_uri}: no MLflow store there (no such file {path})")
+from vis4mer.orchestrator.train.tracking import Tag, check_tracking_uri, latest_run
 
 
 def experiment_ids(client, tracking_uri: str, experiment: str | None) -> list[str]:
@@ -53,7 +43,7 @@ def sweep_runs(tracking_uri: str, experiment: str | None, sweep: str):
     """(client, parent run, child runs, metric) of a sweep's latest run."""
     from mlflow.tracking import MlflowClient
 
-    check_store(tracking_uri)  # before the client, which would create an empty store
+    check_tracking_uri(tracking_uri, reading=True)  # before the client, which would create an empty store
     client = MlflowClient(tracking_uri)
     exp_ids = experiment_ids(client, tracking_uri, experiment)
     parent = latest_parent(client, exp_ids, sweep, tracking_uri, experiment)

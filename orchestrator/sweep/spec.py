@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vis4mer.orchestrator.files import load_yaml, parse_yaml
-from vis4mer.orchestrator.train.config import ConfigError, load_config
+from vis4mer.orchestrator.train.config import ConfigError, check_name, load_config
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SPEC_KEYS = ("name", "base", "overrides", "search_space", "scheduler", "metric", "budget")
@@ -85,7 +86,12 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     for k in ("name", "base", "search_space"):
         if k not in raw:
             raise ConfigError(f"{path}: {k}: required")
-    spec = SweepSpec(name=str(raw["name"]), base=str((p.parent / str(raw["base"])).resolve()),
+    for k, kind in (("name", str), ("base", str), ("overrides", dict), ("search_space", dict), ("scheduler", dict),
+                    ("metric", str), ("budget", dict)):
+        if raw.get(k) is not None and not isinstance(raw[k], kind):
+            raise ConfigError(f"{path}: {k}: expected {'a string' if kind is str else 'a mapping'}, "
+                              f"got {type(raw[k]).__name__}")
+    spec = SweepSpec(name=raw["name"], base=str((p.parent / raw["base"]).resolve()),
                      overrides=dict(raw.get("overrides") or {}), search_space=dict(raw["search_space"] or {}),
                      scheduler=dict(raw.get("scheduler") or {"kind": "asha"}), metric=raw.get("metric"),
                      budget={"num_samples": 1, "max_concurrent_trials": None, **(raw.get("budget") or {})}, path=str(p))
@@ -106,8 +112,10 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
 
 def validate_sweep(spec: SweepSpec) -> None:
     where = spec.path or spec.name
-    if not spec.name or "/" in spec.name:
-        raise ConfigError(f"{where}: name {spec.name!r}: expected a name without '/'")
+    try:
+        check_name(spec.name, "name")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if not spec.search_space:
         raise ConfigError(f"{where}: search_space: expected at least one key")
     for key, dist in spec.search_space.items():
@@ -117,9 +125,13 @@ def validate_sweep(spec: SweepSpec) -> None:
         if kind in ("grid", "choice") and (not isinstance(arg, list) or not arg):
             raise ConfigError(f"{where}: search_space.{key}.{kind}: expected a non-empty list")
         if kind in ("uniform", "loguniform", "randint"):
-            if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(a, (int, float)) for a in arg)
+            if not (isinstance(arg, list) and len(arg) == 2
+                    and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in arg)
                     and arg[0] < arg[1]):
-                raise ConfigError(f"{where}: search_space.{key}.{kind}: expected [low, high] with low < high")
+                raise ConfigError(f"{where}: search_space.{key}.{kind}: expected [low, high], finite numbers "
+                                  "with low < high")
+            if kind == "randint" and not all(isinstance(a, int) for a in arg):
+                raise ConfigError(f"{where}: search_space.{key}.randint: expected integer bounds")
             if kind == "loguniform" and arg[0] <= 0:
                 raise ConfigError(f"{where}: search_space.{key}.loguniform: expected low > 0")
     s = spec.scheduler
@@ -138,8 +150,9 @@ def validate_sweep(spec: SweepSpec) -> None:
     mct = b["max_concurrent_trials"]
     if mct is not None and (not isinstance(mct, int) or mct < 1):
         raise ConfigError(f"{where}: budget.max_concurrent_trials={mct!r}: expected an integer >= 1 or null (auto)")
-    # every discrete combination must make a valid training config (no Ray needed)
-    for overrides in discrete_overrides(spec):
+    # every discrete combination must make a valid training config (no Ray needed), and so must each
+    # continuous key at both ends of its range
+    for overrides in [*discrete_overrides(spec), *range_ends(spec)]:
         try:
             load_config(spec.base, spec.base_overrides(overrides))
         except ConfigError as e:
@@ -154,6 +167,20 @@ def discrete_overrides(spec: SweepSpec) -> list[list[str]]:
         values = arg if kind in ("grid", "choice") else [arg[0]]
         axes.append([expand(key, v) for v in values])
     return [sum(combo, []) for combo in itertools.product(*axes)]
+
+
+def range_ends(spec: SweepSpec) -> list[list[str]]:
+    """Each continuous key at the top of its range (randint's high is exclusive), the other keys at
+    their first value (a grid's or choice's first entry, a range's low end): a range that reaches
+    impossible values (dropout up to 5) is refused like a bad grid entry."""
+    lows = {key: next(iter(dist.values()))[0] for key, dist in spec.search_space.items()}
+    out = []
+    for key, dist in spec.search_space.items():
+        kind, arg = next(iter(dist.items()))
+        if kind in ("uniform", "loguniform", "randint"):
+            top = arg[1] - 1 if kind == "randint" else arg[1]
+            out.append([o for k, low in lows.items() if k != key for o in expand(k, low)] + expand(key, top))
+    return out
 
 
 def trial_count(spec: SweepSpec) -> int:

@@ -13,11 +13,15 @@ section is vis4mer.datasets' StorageOptions.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -152,6 +156,36 @@ def run_resources(scaling: ScalingCfg) -> RunResources:
     return RunResources(workers, scaling.cpus_per_worker, 1 if scaling.use_gpu else 0)
 
 
+# Names that become folders, MLflow filter values and Tune state (runs, sweeps): no path separators,
+# quotes, spaces or newlines, and never '.' or '..'.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+INT_LIMIT = 2**63  # what torch, numpy and MLflow take as an integer
+INTERPOLATION = "${"
+
+
+def check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ConfigError(f"{what} {value!r:.80}: expected a name of letters, digits, '.', '_' and '-' that starts "
+                          "with a letter or digit, at most 100 characters")
+    return value
+
+
+def _no_interpolation(node: Any, key: str) -> None:
+    """Configs take values as written: an omegaconf interpolation (`${oc.env:...}`, `${other.key}`) could
+    copy an environment variable (a credential) into MLflow params, artifacts, errors and job
+    manifests. Refused wherever a config is read (YAML files, sweeps, overrides); the value itself is
+    never shown."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _no_interpolation(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _no_interpolation(v, f"{key}[{i}]")
+    elif isinstance(node, str) and INTERPOLATION in node:
+        raise ConfigError(f"{key or 'config'}: an interpolation ('${{...}}'): expected a plain value (configs "
+                          "resolve nothing; credentials come from the environment by name, never through a config)")
+
+
 def _one_line(e: OmegaConfBaseException) -> str:
     msg = str(e).splitlines()[0]
     key = getattr(e, "full_key", None)
@@ -177,52 +211,76 @@ def _with_file(path: str, mtime_ns: int) -> DictConfig:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections")
     try:
-        return OmegaConf.merge(_schema(), loaded)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {_one_line(e)}") from None
+        _no_interpolation(loaded, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return _merge(_schema(), loaded, where=path)
 
 
-def _dotlist(overrides: list[str]) -> DictConfig:
+def _merge(base: DictConfig, other, where: str) -> DictConfig:
+    """OmegaConf.merge, its errors (a wrong type, a list where a section belongs) as ConfigErrors."""
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:  # it names the key, when it knows it
+        raise ConfigError(_one_line(e) if getattr(e, "full_key", None) else f"{where}: {_one_line(e)}") from None
+    except (TypeError, ValueError) as e:  # omegaconf's own, for containers of the wrong kind
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]} (a list or value where a section belongs?)") from None
+
+
+def _overrides(merged: DictConfig, overrides: list[str]) -> DictConfig:
+    """`key=value` overrides merged onto `merged`; an error names its override."""
+    parsed = []
     for o in overrides:
         if "=" not in o:
-            raise ConfigError(f"override {o!r}: expected key=value")
-    return OmegaConf.from_dotlist(list(overrides))
+            raise ConfigError(f"override {o.split(INTERPOLATION)[0]!r:.80}: expected key=value")
+        key, value = o.split("=", 1)
+        _no_interpolation(value, key)
+        try:
+            parsed.append((key, OmegaConf.from_dotlist([o])))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key!r:.80}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {key!r:.80}: {_one_line(e)}") from None
+    if not parsed:
+        return merged
+    try:
+        return OmegaConf.merge(merged, *(p for _, p in parsed))  # one merge: each copies the whole config
+    except Exception:  # noqa: BLE001 - merged again one at a time, so that the error names its override
+        for key, p in parsed:
+            merged = _merge(merged, p, where=f"override {key!r:.80}")
+        raise  # not reached: one of the merges above raises
 
 
 def _finish(merged: DictConfig) -> Config:
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{missing[0]}: required, no value given")
-    cfg: Config = OmegaConf.to_object(merged)
+    try:
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
     validate(cfg)
     return cfg
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """YAML (optional) + dotlist overrides onto the structured defaults; typed and validated."""
-    try:
-        if path is None:
-            merged = _schema()
-        else:
-            try:
-                mtime = os.stat(path).st_mtime_ns
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: no such config file") from None
-            merged = _with_file(str(path), mtime)
-        if overrides:
-            merged = OmegaConf.merge(merged, _dotlist(overrides))
-        return _finish(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+    if path is None:
+        merged = _schema()
+    else:
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        merged = _with_file(str(path), mtime)
+    return _finish(_overrides(merged, list(overrides or [])))
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     """`cfg` with `key=value` overrides applied, typed and validated (a sweep's trials: the base config
     is loaded once, each trial's parameters are applied to it)."""
-    try:
-        return _finish(OmegaConf.merge(_schema(), to_dict(cfg), _dotlist(overrides)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+    return _finish(_overrides(_merge(_schema(), to_dict(cfg), where="config"), overrides))
 
 
 def validate(cfg: Config) -> None:
@@ -231,6 +289,7 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
 
+    _check_values(asdict(cfg), "")
     o, s, t, sc, d = cfg.optim, cfg.schedule, cfg.train, cfg.scaling, cfg.data
     need(o.lr > 0, "optim.lr", "> 0", o.lr)
     need(o.ssm_lr > 0, "optim.ssm_lr", "> 0", o.ssm_lr)
@@ -241,6 +300,8 @@ def validate(cfg: Config) -> None:
     need(0 < s.factor < 1, "schedule.factor", "in (0, 1)", s.factor)
     need(s.interval >= 1, "schedule.interval", ">= 1", s.interval)
     need(s.patience >= 0, "schedule.patience", ">= 0", s.patience)
+    need(s.min_lr >= 0, "schedule.min_lr", ">= 0", s.min_lr)
+    need(s.warmup_epochs >= 0, "schedule.warmup_epochs", ">= 0", s.warmup_epochs)
     if s.kind == "cosine":
         need(0 <= s.warmup_epochs < max(t.epochs, 1), "schedule.warmup_epochs", f"in [0, train.epochs={t.epochs})",
              s.warmup_epochs)
@@ -249,6 +310,8 @@ def validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", t.checkpoint_every)
     need(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
     need(t.max_failures >= -1, "train.max_failures", ">= -1 (-1: retry forever)", t.max_failures)
+    need(0 <= t.seed < INT_LIMIT, "train.seed", "in [0, 2^63)", t.seed)
+    need(t.fail_at_epoch is None or t.fail_at_epoch >= 0, "train.fail_at_epoch", ">= 0 or null", t.fail_at_epoch)
     need(sc.num_workers >= 1, "scaling.num_workers", ">= 1 (scaling.local_mode=true runs in the driver)",
          sc.num_workers)
     need(not (sc.local_mode and (sc.num_workers > 1 or sc.use_gpu)), "scaling.local_mode",
@@ -260,6 +323,8 @@ def validate(cfg: Config) -> None:
     need(d.batch_size >= per_step and d.batch_size % per_step == 0, "data.batch_size",
          f"a positive multiple of scaling.num_workers x optim.grad_accum = {per_step}", d.batch_size)
     need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
+    need(d.shuffle_buffer is None or d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1 row or null",
+         d.shuffle_buffer)
     for split in d.eval_splits:
         need(split in ("val", "test"), "data.eval_splits", "a list of val and/or test", d.eval_splits)
     try:  # the model's own checks, at a length no schedule empties (the dataset's length comes later)
@@ -267,7 +332,30 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.run.name is not None:
-        need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "a name without '/'", cfg.run.name)
+        check_name(cfg.run.name, "run.name")
+
+
+def _check_values(node: Any, key: str) -> None:
+    """What no field may hold: a non-finite number, an integer past 64 bits, a URI with credentials."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_values(v, f"{key}.{k}" if key else k)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_values(v, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node}: expected a finite number")
+    elif isinstance(node, int) and not isinstance(node, bool) and not -INT_LIMIT < node < INT_LIMIT:
+        raise ConfigError(f"{key}: an integer of {node.bit_length()} bits: expected one that fits in 64 bits")
+    elif isinstance(node, str) and "://" in node:
+        try:
+            parts = urlsplit(node)
+            userinfo = parts.username is not None or parts.password is not None
+        except ValueError:
+            raise ConfigError(f"{key}: not a valid URI") from None
+        if userinfo:  # the value is not shown: it holds a credential
+            raise ConfigError(f"{key}: a URI with a user name or password in it: expected none (credentials come "
+                              "from the environment, a profile or the platform's identity)")
 
 
 def config_yaml(cfg: Config) -> str:

@@ -45,6 +45,10 @@ def prepare(cfg: Config, ds: FeatureDataset | None = None) -> FeatureDataset:
     """The checks that need the dataset but no Ray (its splits, the model's schedule at the task's
     length, the batch size against the training videos); returns the opened dataset. `ds`: the
     config's dataset, already opened (a sweep opens it once for all its trials)."""
+    from vis4mer.orchestrator.train.tracking import check_tracking_uri, tracking_uri
+
+    if cfg.tracking.enabled:
+        check_tracking_uri(tracking_uri(cfg))
     ds = ds or open_dataset(cfg.data.uri, cfg.data.storage)
     for split in ["train", *cfg.data.eval_splits]:
         if not ds.shards(split):

@@ -5,12 +5,16 @@ Embedded default: a sqlite store in the working directory (MLflow refuses plain 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sqlite3
 import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from vis4mer.orchestrator.files import PROJECT_ROOT
-from vis4mer.orchestrator.train.config import Config, config_yaml, flatten, to_dict
+from vis4mer.orchestrator.train.config import Config, ConfigError, config_yaml, flatten, to_dict
 
 
 class Tag:
@@ -37,6 +41,102 @@ def default_tracking_uri() -> str:
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.tracking_uri or default_tracking_uri()
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+HTTP_TIMEOUT_S = 10  # what one request to an MLflow server may take before vis4mer gives up on it
+
+
+def shown_uri(uri: str) -> str:
+    """A tracking URI fit for a message: any user name or password in it left out."""
+    try:
+        parts = urlsplit(uri)
+        if parts.username is None and parts.password is None:
+            return uri
+        return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+    except ValueError:
+        return "(an unparsable URI)"
+
+
+def check_tracking_uri(uri: str, reading: bool = False) -> None:
+    """A tracking store MLflow can use, checked before any work: a known scheme, no credentials in the
+    URI, and for sqlite a file that is an SQLite database (or, when not `reading`, none yet in an
+    existing folder). Readers (`best`, `report`) need an existing MLflow store: they never create one."""
+    where = f"tracking URI {shown_uri(uri)}"
+    try:
+        parts = urlsplit(uri)
+        scheme, userinfo = parts.scheme.split("+")[0], parts.username is not None or parts.password is not None
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URI") from None
+    if "://" not in uri or scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{where}: expected sqlite:///PATH, http(s)://HOST[:PORT] or a database URI "
+                          f"({', '.join(TRACKING_SCHEMES)})")
+    if userinfo:
+        raise ConfigError(f"{where}: has a user name or password in it: expected none (MLflow reads "
+                          "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN)")
+    if scheme != "sqlite":
+        return
+    path = Path(uri.split("://", 1)[1][1:])  # sqlite:///rel/path, sqlite:////abs/path
+    if path.is_dir():
+        raise ConfigError(f"{where}: {path} is a folder: expected an MLflow store file")
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read {path} ({e.strerror})") from None
+        if head != SQLITE_MAGIC and (reading or head):
+            raise ConfigError(f"{where}: {path} is not an MLflow store (not an SQLite database)")
+        if reading and not _has_mlflow_tables(path):
+            raise ConfigError(f"{where}: {path} is an SQLite database without MLflow's tables: not an MLflow store")
+    elif reading:
+        raise ConfigError(f"--tracking-uri {shown_uri(uri)}: no MLflow store there (no such file {path})")
+    elif not path.parent.is_dir():
+        raise ConfigError(f"{where}: no such folder {path.parent}")
+
+
+def _has_mlflow_tables(path: Path) -> bool:
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='experiments'").fetchone() \
+                is not None
+    except sqlite3.Error:
+        return False
+
+
+@contextlib.contextmanager
+def bounded_http(retries: int):
+    """MLflow's HTTP client for the duration: `retries` retries of HTTP_TIMEOUT_S each (its default, 7
+    retries doubling from 2 s, leaves a command silent for minutes when the server is down)."""
+    knobs = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S)}
+    saved = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def reading_store(uri: str):
+    """For commands that only read MLflow: the store is checked first (never created), requests to a
+    server give up after one try of 10 s, and an unreachable server is one line (a ConfigError)."""
+    from mlflow.exceptions import MlflowException
+
+    check_tracking_uri(uri, reading=True)
+    with bounded_http(retries=0):
+        try:
+            yield
+        except MlflowException as e:
+            if not unreachable(e):
+                raise
+            raise ConfigError(f"MLflow at {shown_uri(uri)}: no answer (tried once, waited up to {HTTP_TIMEOUT_S} s): "
+                              f"{str(e).splitlines()[0][-160:]}") from None
 
 
 def git_commit() -> str | None:
@@ -97,28 +197,59 @@ def get_or_create_run(cfg: Config, name: str, tags: dict, parent_run_id: str | N
     return run.info.run_id
 
 
-def finish_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+FINISH_WAITS_S = (2, 4, 8, 16, 30)  # closing a run: about a minute for a tracking server that is down
+
+
+def finish_run(cfg: Config, run_id: str, status: str = "FINISHED") -> bool:
+    """Closes the run, retrying for about a minute while the server is unreachable; False (and a
+    warning naming the run) when it could not, so a dead tracking server never fails a finished run."""
+    import sys
+    import time
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    if status == "FAILED" and client.get_run(run_id).info.status != "RUNNING":
-        return  # already closed, e.g. by the sweep when its scheduler stopped the trial (then ended it)
-    client.set_terminated(run_id, status=status)
+    for wait in (0, *FINISH_WAITS_S):
+        time.sleep(wait)
+        try:
+            with bounded_http(retries=1):
+                if status == "FAILED" and client.get_run(run_id).info.status != "RUNNING":
+                    return True  # already closed, e.g. by the sweep when its scheduler stopped the trial
+                client.set_terminated(run_id, status=status)
+            return True
+        except Exception as e:  # noqa: BLE001 - retried, then reported
+            error = e
+    print(f"warning: could not mark MLflow run {run_id} {status} at {shown_uri(tracking_uri(cfg))} "
+          f"({type(error).__name__}); it stays RUNNING there", file=sys.stderr, flush=True)
+    return False
 
 
 def log_best_model(cfg: Config, run_id: str, model) -> None:
     """The best checkpoint as an MLflow PyTorch model (artifact `best_model`)."""
+    # Stated, not inferred: inference loads the model in a subprocess to see what it imports
+    # (~4 s of CPU at the end of every run) and finds these same packages.
+    import sys
     from importlib.metadata import version
 
     import mlflow
     import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
 
-    # Stated, not inferred: inference loads the model in a subprocess to see what it imports
-    # (~4 s of CPU at the end of every run) and finds these same packages.
     reqs = mlflow.pytorch.get_default_pip_requirements() + [f"vis4mer=={version('vis4mer')}"]
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle", pip_requirements=reqs)
+    try:
+        with bounded_http(retries=1), mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model, name="best_model", serialization_format="pickle", pip_requirements=reqs)
+    except MlflowException as e:
+        if not unreachable(e):
+            raise
+        print(f"warning: the best model was not logged to MLflow run {run_id} (server unreachable); it stays in "
+              "the run's storage (<run>/best)", file=sys.stderr, flush=True)
+
+
+def unreachable(e: Exception) -> bool:
+    """Whether an MlflowException says the server did not answer (rather than refused a request)."""
+    return str(e).startswith("API request to")
 
 
 def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict, resume: bool = False) -> str:

@@ -64,6 +64,10 @@ def diverged_is_worst(metrics: dict) -> dict:
     return metrics
 
 
+MLFLOW_BATCH = 1000
+FINAL_FLUSH_WAITS_S = (2, 4, 8, 16, 30)
+
+
 class MlflowEpochLogger:
     """Rank 0's metric logger with an explicit run id. If the tracking server is unreachable,
     training goes on: the metrics are kept and sent with the next epoch's batch."""
@@ -92,13 +96,36 @@ class MlflowEpochLogger:
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))
                          and math.isfinite(float(v))]
         try:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
+            self._send()
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            msg = (f"warning: MLflow logging failed ({type(e).__name__}); {len(self.pending)} metrics kept "
-                   "for the next epoch")
-            warnings.warn(msg, stacklevel=1)
-            print(msg, file=sys.stderr, flush=True)
+            self._warn(f"warning: MLflow logging failed ({type(e).__name__}); {len(self.pending)} metrics kept "
+                       "for the next epoch")
+
+    def flush(self) -> bool:
+        """At the end of training: sends what is still pending (the server was down through the last
+        epochs), retrying for about a minute; True when nothing is left."""
+        for wait in (0, *FINAL_FLUSH_WAITS_S):
+            if not self.pending:
+                return True
+            time.sleep(wait)
+            try:
+                self._send()
+            except Exception:  # noqa: BLE001, S110 - retried, then reported below
+                pass
+        if self.pending:
+            self._warn(f"warning: MLflow unreachable at the end of training: {len(self.pending)} metrics were "
+                       f"not logged (after {sum(FINAL_FLUSH_WAITS_S)} s of retries)")
+        return not self.pending
+
+    def _send(self) -> None:
+        while self.pending:  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=self.pending[:MLFLOW_BATCH])
+            self.pending = self.pending[MLFLOW_BATCH:]
+
+    @staticmethod
+    def _warn(msg: str) -> None:
+        warnings.warn(msg, stacklevel=2)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _all_reduce_mean(values: list[float], world: int) -> list[float]:
@@ -257,6 +284,8 @@ def train_loop_per_worker(config: dict) -> None:
                     save_state(d + "/ckpt", raw, opt, sched, epoch, best, cfg)
                     ckpt = ray.train.Checkpoint.from_directory(d + "/ckpt")
             ray.train.report(metrics, checkpoint=ckpt)
+    if logger:
+        logger.flush()
 
 
 def _upload(local_dir: str, res) -> None:
