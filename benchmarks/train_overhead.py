@@ -103,7 +103,8 @@ def main() -> None:
             "model.n_layers=3", "model.d_state=64", "model.dropout=0.0", "data.batch_size=16",
             f"train.epochs={a.epochs}", "train.eval_every=1000", "train.checkpoint_every=1",
             f"train.keep_last={a.epochs}", "schedule.kind=constant", "tracking.enabled=false", "data.eval_splits=[val]",
-            "data.shuffle_files=false", f"scaling.cpus_per_worker={a.cpus}", f"data.cache={str(a.cache).lower()}"])
+            "data.shuffle_files=false", f"scaling.cpus_per_worker={a.cpus}",
+            f"data.cache={'memory' if a.cache else 'none'}"])
         import torch
         torch.set_num_threads(int(a.cpus))  # the plain loop gets the threads the Ray worker gets
         plain = plain_run(uri, cfg, a.epochs)

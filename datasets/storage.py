@@ -11,11 +11,13 @@ through the default provider chain.
 """
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
-import fsspec
 import pyarrow.fs as pafs
 
 from vis4mer.datasets.errors import UserError
@@ -39,7 +41,13 @@ class Resolved:
     scheme: str  # "file" | "s3" | "gs"
     path: str  # path inside the filesystems (bucket/key for object stores)
     pa: pafs.FileSystem
-    fs: fsspec.AbstractFileSystem
+    make_fs: Callable[[], Any] = field(repr=False, default=None)  # the fsspec filesystem, made on first use
+
+    @functools.cached_property
+    def fs(self):
+        """The matching fsspec filesystem (listing, text files). Made on first use: reading shards needs
+        only pyarrow, and a bare GPU machine may not have fsspec."""
+        return self.make_fs()
 
     def uri(self, *parts: str) -> str:
         p = "/".join([self.path.rstrip("/"), *parts]) if parts else self.path
@@ -112,10 +120,8 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
     opts = options or StorageOptions()
     scheme, path = split_uri(uri)
     if scheme == "file":
-        return Resolved("file", path, pafs.LocalFileSystem(), fsspec.filesystem("file"))
+        return Resolved("file", path, pafs.LocalFileSystem(), functools.partial(_fsspec, "file"))
     if scheme == "s3":
-        import s3fs
-
         endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         creds = _aws_credentials(opts)
@@ -139,13 +145,13 @@ def filesystems(uri: str, options: StorageOptions | None = None) -> Resolved:
         if creds:
             pa_kwargs.update(access_key=creds["key"], secret_key=creds["secret"], session_token=creds["token"])
             s3_kwargs.update(key=creds["key"], secret=creds["secret"], token=creds["token"])
-        return Resolved("s3", path, RetryingS3FileSystem(**pa_kwargs), s3fs.S3FileSystem(**s3_kwargs))
+        return Resolved("s3", path, RetryingS3FileSystem(**pa_kwargs), functools.partial(_s3fs, s3_kwargs))
     try:
         import gcsfs
     except ImportError:
         raise StorageError(f"{uri}: gs:// needs gcsfs: pip install 'vis4mer[gcs]'") from None
     fs = gcsfs.GCSFileSystem(token="anon" if opts.anonymous else None)
-    return Resolved("gs", path, pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs)
+    return Resolved("gs", path, pafs.PyFileSystem(pafs.FSSpecHandler(fs)), lambda: fs)
 
 
 def safe_relative(path: str, what: str, error: type[Exception] = StorageError) -> str:
@@ -172,6 +178,18 @@ def check_local_target(path: str, uri: str) -> None:
         raise StorageError(f"{uri}: {parent} is a file, not a folder")
     if parent and not os.access(parent if not os.path.exists(p) else p, os.W_OK):
         raise StorageError(f"{uri}: not writable (permission denied on {parent if not os.path.exists(p) else p})")
+
+
+def _fsspec(protocol: str):
+    import fsspec
+
+    return fsspec.filesystem(protocol)
+
+
+def _s3fs(kwargs: dict):
+    import s3fs
+
+    return s3fs.S3FileSystem(**kwargs)
 
 
 def describe_error(uri: str, e: BaseException) -> str:

@@ -56,6 +56,28 @@ def eval_examples(x: np.ndarray, task: TaskSpec) -> Iterator[np.ndarray]:
         yield x[idx].reshape(W * task.tokens_per_frame, -1)
 
 
+def device_windows(x, task: TaskSpec, batch_size: int):
+    """Every evaluation example of one video, cut where `x` lives (the GPU): x (frames, tokens, dim)
+    -> batches of (n <= batch_size, window_frames * tokens, dim). The same examples as
+    `eval_examples`, from one tensor: sliding windows are a strided view (`unfold`), materialised a
+    batch at a time."""
+    import torch
+
+    W, T = task.window_frames, x.shape[0]
+    if task.eval_sampling != "sliding":  # even_segments: one example
+        idx = torch.from_numpy(np.round(np.linspace(0, T - 1, W)).astype(np.int64)).to(x.device)
+        yield x.index_select(0, idx).reshape(1, W * task.tokens_per_frame, -1)
+        return
+    if T < W:  # one window, zero-padded
+        pad = x.new_zeros((W - T, *x.shape[1:]))
+        yield torch.cat([x, pad]).reshape(1, W * task.tokens_per_frame, -1)
+        return
+    windows = x.unfold(0, W, task.eval_stride)  # (n, tokens, dim, W): a view
+    for i in range(0, windows.shape[0], batch_size):
+        chunk = windows[i : i + batch_size].permute(0, 3, 1, 2)  # (b, W, tokens, dim)
+        yield chunk.reshape(chunk.shape[0], W * task.tokens_per_frame, -1)
+
+
 class VideoAggregator:
     """Accumulates window outputs per video: summed softmax (classification) or mean (regression)."""
 

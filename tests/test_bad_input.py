@@ -33,9 +33,11 @@ def _broken_copy(good: str, where: Path, how: str) -> str:
     shutil.copytree(good, out)
     manifest = json.loads((out / "manifest.json").read_text())
     shard = out / manifest["shards"][0]["path"]
-    if how == "flipped-bytes":  # same size, different content: only the hash can tell
+    if how == "flipped-bytes":  # same size, different content (a feature value): only the hash can tell
+        import pyarrow.parquet as pq
+
         data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
+        data[data.find(pq.read_table(shard)["features"][0].as_py()[:32]) + 5] ^= 0xFF
         shard.write_bytes(bytes(data))
     elif how == "missing-shard":
         shard.unlink()

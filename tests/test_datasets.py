@@ -8,12 +8,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.support.runs import VIS4MER
-from vis4mer.datasets.format import DatasetError, DatasetWriter, features_to_arrow, open_dataset, shard_schema, verify
+from vis4mer.datasets.format import (
+    DatasetError,
+    DatasetWriter,
+    features_to_binary,
+    open_dataset,
+    shard_schema,
+    verify,
+)
 from vis4mer.datasets.storage import StorageError, StorageOptions, filesystems
 from vis4mer.datasets.tasks import get_task
-from vis4mer.datasets.windows import VideoAggregator, eval_starts, example_rng, train_example
+from vis4mer.datasets.windows import (
+    VideoAggregator,
+    device_windows,
+    eval_examples,
+    eval_starts,
+    example_rng,
+    train_example,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -38,7 +53,8 @@ def s3(s3_server) -> StorageOptions:
 
 
 def test_round_trip_through_ray_data_on_s3(s3_server, s3_bucket, ray_session):
-    from vis4mer.datasets.pipeline import eval_batches, read_split, train_batches
+    from vis4mer.datasets.pipeline import eval_videos, read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
 
     bucket, _ = s3_bucket
     uri = f"s3://{bucket}/syn"
@@ -51,7 +67,7 @@ def test_round_trip_through_ray_data_on_s3(s3_server, s3_bucket, ray_session):
 
     # raw rows: exact float16 round trip
     rows = {}
-    for batch in read_split(ds, "train").iter_batches(batch_size=5, batch_format="pyarrow"):
+    for batch in read_split(ds, "train", index=False).iter_batches(batch_size=5, batch_format="pyarrow"):
         from vis4mer.datasets.format import video_features
         for vid, x in zip(batch.column("video_id").to_pylist(), video_features(batch.column("features"), 3, 8)):
             rows[vid] = x
@@ -61,8 +77,9 @@ def test_round_trip_through_ray_data_on_s3(s3_server, s3_bucket, ray_session):
 
     # training examples: the windows the paper samples, from (seed, epoch, video) only
     got = {}
-    for b in train_batches(read_split(ds, "train", shuffle_files=True, seed=3), task, batch_size=4, seed=7, epoch=2,
-                           drop_last=False):
+    reader = ShardReader(ds)
+    for b in train_batches(read_split(ds, "train"), task, batch_size=4, seed=7, epoch=2, drop_last=False,
+                           reader=reader, shuffle=True):
         assert b["x"].dtype.is_floating_point and b["x"].shape[1:] == (task.seq_len, 8)
         for x, y in zip(b["x"].numpy(), b["y"].tolist()):
             got.setdefault(y, []).append(x)
@@ -73,12 +90,13 @@ def test_round_trip_through_ray_data_on_s3(s3_server, s3_bucket, ray_session):
     for y in expected:
         assert sorted(map(bytes, map(np.ascontiguousarray, got[y]))) == sorted(map(bytes, expected[y]))
 
-    # evaluation: every window at the stride, tagged with its video
+    # evaluation: each video once, its windows cut from it (here on the CPU) at the stride
     counts = {}
-    for b in eval_batches(read_split(ds, "val"), task, batch_size=5):
-        assert b["x"].shape[0] == len(b["video_id"]) <= 5
-        for v in b["video_id"]:
-            counts[v] = counts.get(v, 0) + 1
+    for video in eval_videos(read_split(ds, "val"), task, reader):
+        np.testing.assert_array_equal(video["x"].numpy(), videos[video["video_id"]][0])
+        windows = list(device_windows(video["x"], task, batch_size=5))
+        assert all(len(w) <= 5 for w in windows)
+        counts[video["video_id"]] = sum(len(w) for w in windows)
     assert counts == {v: len(eval_starts(videos[v][0].shape[0], task)) for v in videos if int(v[1:]) >= 17}
 
 
@@ -95,7 +113,7 @@ def test_epochs_reshuffle_shards_without_new_footer_reader_actors(tmp_path, ray_
 
     videos = make_videos(12, 3, 8, seed=4)
     uri = str(tmp_path / "shards")
-    write(uri, videos, shard_bytes=700, row_group_bytes=350)
+    write(uri, videos, shard_bytes=700, row_group_bytes=350, format_version=1)  # read_parquet's path
     ds = open_dataset(uri)
     assert len(ds.shard_paths("train")) >= 6
 
@@ -119,19 +137,43 @@ def test_epochs_reshuffle_shards_without_new_footer_reader_actors(tmp_path, ray_
     assert logging.getLogger(PARQUET_LOGGER).level == logging.NOTSET
 
 
+def test_format_2_epochs_reshuffle_videos_on_the_consumer(tmp_path, ray_session):
+    """Format 2: Ray Data moves index rows; each epoch's order is a shuffle seeded by (seed, epoch),
+    every video once, no parquet reading in Ray Data at all."""
+    from vis4mer.datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
+
+    videos = make_videos(12, 3, 8, seed=4)
+    uri = str(tmp_path / "shards")
+    _, task = write(uri, videos, shard_bytes=700)
+    ds = open_dataset(uri)
+    split, reader = read_split(ds, "train"), ShardReader(ds)
+
+    def epoch_orders(seed: int) -> list[list[str]]:
+        return [[v for b in train_batches(split, task, batch_size=4, seed=seed, epoch=e, drop_last=False,
+                                          reader=reader, shuffle=True) for v in b["video_id"]] for e in range(3)]
+
+    first = epoch_orders(seed=5)
+    assert all(sorted(order) == sorted(videos) for order in first)
+    assert len({tuple(o) for o in first}) == 3  # reshuffled between epochs
+    assert epoch_orders(seed=5) == first and epoch_orders(seed=6) != first  # the same way for the same seed
+
+
 def test_every_rank_gets_the_same_number_of_batches(tmp_path, ray_session):
     from vis4mer.datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
 
     videos = make_videos(13, 3, 8, seed=2)
     uri = str(tmp_path / "uneven")
     write(uri, videos, shard_bytes=1500, row_group_bytes=500)  # uneven shards
     ds = open_dataset(uri)
     its = read_split(ds, "train").streaming_split(2, equal=True)  # what Ray Train's DataConfig does
+    reader = ShardReader(ds)
     import threading
     counts = [0, 0]
 
     def consume(rank):
-        counts[rank] = sum(1 for _ in train_batches(its[rank], ds.task, batch_size=2, seed=0, epoch=0))
+        counts[rank] = sum(1 for _ in train_batches(its[rank], ds.task, batch_size=2, seed=0, epoch=0, reader=reader))
 
     threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
     [t.start() for t in threads]
@@ -144,11 +186,12 @@ def test_shards_are_plain_parquet(tmp_path):
     manifest, task = write(str(tmp_path / "d"), videos)
     t = pq.read_table(tmp_path / "d" / manifest.shards[0]["path"])
     assert t.schema.equals(shard_schema(task))
-    first = t.slice(0, 1)
-    x = np.asarray(first.column("features").combine_chunks().flatten().flatten()).reshape(-1, 3, 8)
-    np.testing.assert_array_equal(x, videos[first.column("video_id")[0].as_py()][0])
+    # the three lines the format's docstring gives, plain pyarrow and numpy
+    i, n = 0, t["num_frames"][0].as_py()
+    x = np.frombuffer(t["features"][i].as_buffer(), "<f2").reshape(n, 3, 8)
+    np.testing.assert_array_equal(x, videos[t["video_id"][i].as_py()][0])
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["tokens_per_frame"] == 3 and m["feature_dim"] == 8
+    assert m["format_version"] == 2 and m["tokens_per_frame"] == 3 and m["feature_dim"] == 8
     assert m["task"]["num_classes"] == 3 and m["extractor"] == {"name": "test"}
     assert {"path", "split", "rows", "bytes", "sha256"} <= set(m["shards"][0])
 
@@ -215,7 +258,8 @@ def test_corrupt_shard_same_size(local_ds):
     uri, manifest, _, root = local_ds
     p = root / manifest.shards[0]["path"]
     data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the feature data: parquet still opens
+    first = pq.read_table(p)["features"][0].as_py()[:32]  # a video's raw values, as stored
+    data[data.find(first) + 5] ^= 0xFF  # one flipped byte in the feature data: parquet still opens
     p.write_bytes(bytes(data))
     open_dataset(uri)  # sizes and footers look right
     with pytest.raises(DatasetError, match=f"shard .*{manifest.shards[0]['path']}: sha256 .* expected"):
@@ -231,7 +275,7 @@ def test_feature_dim_disagrees_with_manifest(local_ds):
     m = json.loads((root / "manifest.json").read_text())
     m["feature_dim"] = m["task"]["feature_dim"] = 16
     (root / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(DatasetError, match=r"schema list<.*fixed_size_list<.*24\]?.*expected .*48.*feature_dim=16"):
+    with pytest.raises(DatasetError, match=r"schema large_binary of frames 3 x 8: expected .*feature_dim=16"):
         open_dataset(uri)
 
 
@@ -241,7 +285,7 @@ def _write_raw(root, task, rows, name="train-00000.parquet"):
     table = pa.table({"video_id": [r[0] for r in rows], "split": ["train"] * len(rows),
                       "num_frames": pa.array([r[1].shape[0] for r in rows], pa.int32()),
                       "label": pa.array([r[2] for r in rows], pa.int64()),
-                      "features": features_to_arrow([r[1] for r in rows], 3, 8)}, schema=shard_schema(task))
+                      "features": features_to_binary([r[1] for r in rows])}, schema=shard_schema(task))
     pq.write_table(table, root / name)
     data = (root / name).read_bytes()
     from vis4mer.datasets.format import Manifest
@@ -253,6 +297,7 @@ def _write_raw(root, task, rows, name="train-00000.parquet"):
 @pytest.mark.parametrize("bad", ["nan", "label"])
 def test_bad_values_are_named(tmp_path, ray_session, bad):
     from vis4mer.datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
 
     task = get_task("synthetic_order", tokens_per_frame=3, feature_dim=8, window_frames=6, num_classes=3)
     x = np.zeros((6, 3, 8), np.float16)
@@ -268,7 +313,7 @@ def test_bad_values_are_named(tmp_path, ray_session, bad):
         verify(str(tmp_path))
     ds = open_dataset(str(tmp_path))
     with pytest.raises(Exception, match=match):
-        list(train_batches(read_split(ds, "train"), task, batch_size=2, seed=0, epoch=0))
+        list(train_batches(read_split(ds, "train"), task, batch_size=2, seed=0, epoch=0, reader=ShardReader(ds)))
 
 
 def test_writer_refuses_bad_input_and_leaves_nothing(tmp_path):
@@ -340,3 +385,181 @@ def test_aggregation_per_video():
     reg = VideoAggregator(get_task("lvu_view_count"))
     reg.add(["a", "a", "b"], np.array([[1.0], [3.0], [0.5]]), [2.0, 2.0, 0.0])
     assert reg.predictions() == {"a": 2.0, "b": 0.5} and reg.metric() == pytest.approx(0.125)
+
+
+# --- format 2: features at storage speed ---------------------------------------------------------
+
+
+def test_format_1_datasets_read_as_before(tmp_path, ray_session):
+    """The same videos written in both formats give the same training and evaluation examples."""
+    from vis4mer.datasets.pipeline import eval_videos, read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
+
+    videos = make_videos(9, 3, 8, seed=11)
+    out = {}
+    for version in (1, 2):
+        uri = str(tmp_path / f"v{version}")
+        manifest, task = write(uri, videos, format_version=version, split_of=lambda i: "train" if i < 6 else "val")
+        assert manifest.format_version == version
+        verify(uri)
+        ds = open_dataset(uri)
+        reader = ShardReader(ds) if version == 2 else None
+        train = [(b["x"].clone(), b["y"]) for b in train_batches(read_split(ds, "train"), task, batch_size=3, seed=5,
+                                                                 epoch=1, reader=reader)]
+        evals = {v["video_id"]: v["x"].clone() for v in eval_videos(read_split(ds, "val"), task, reader)}
+        out[version] = (train, evals)
+    for (x1, y1), (x2, y2) in zip(out[1][0], out[2][0]):
+        assert x1.dtype == x2.dtype == torch.float16 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert out[1][1].keys() == out[2][1].keys() and all(torch.equal(out[1][1][k], out[2][1][k]) for k in out[1][1])
+
+
+@pytest.mark.parametrize("frames", [1, 4, 6, 7, 13])
+def test_windows_match_the_reference_sampling(tmp_path, frames):
+    """The collate function's training windows and the device-side evaluation windows are the
+    numpy reference's (`train_example`, `eval_examples`), for every sampling and clip length."""
+    from vis4mer.datasets.pipeline import TrainCollate
+
+    for name, kw in (("synthetic_order", dict(window_frames=6, eval_stride=2)),
+                     ("breakfast", dict(window_frames=6)), ("lvu_genre", dict(window_frames=6))):
+        task = get_task(name, tokens_per_frame=3, feature_dim=8, **kw)
+        videos = {f"v{i}": (np.random.default_rng(i).standard_normal((frames + i % 3, 3, 8)).astype(np.float16), 1)
+                  for i in range(4)}
+        table = pa.table({"video_id": list(videos), "label": [1] * 4,
+                          "num_frames": pa.array([x.shape[0] for x, _ in videos.values()], pa.int32()),
+                          "features": features_to_binary([x for x, _ in videos.values()])})
+        for seed, epoch in ((0, 0), (3, 7)):
+            batch = TrainCollate(task, seed, epoch)(table)
+            expected = np.stack([train_example(x, task, example_rng(seed, epoch, v)) for v, (x, _) in videos.items()])
+            assert batch["x"].dtype == torch.float16 and np.array_equal(batch["x"].numpy(), expected)
+        for x, _ in videos.values():
+            cut = torch.cat(list(device_windows(torch.from_numpy(x), task, batch_size=2))).numpy()
+            assert np.array_equal(cut, np.stack(list(eval_examples(x, task))))
+
+
+def _bad_value(tmp_path, how: str) -> str:
+    task = get_task("synthetic_order", tokens_per_frame=3, feature_dim=8, window_frames=6, num_classes=3)
+    x = np.zeros((6, 3, 8), np.float16)
+    _write_raw(tmp_path, task, [("v1", x, 1), ("short-video", x, 1)])
+    root = tmp_path
+    m = json.loads((root / "manifest.json").read_text())
+    if how == "v1-schema":  # a format-2 manifest over a format-1 shard
+        import hashlib
+
+        from vis4mer.datasets.format import features_to_arrow
+
+        table = pa.table({"video_id": ["v1"], "split": ["train"], "num_frames": pa.array([6], pa.int32()),
+                          "label": pa.array([1], pa.int64()), "features": features_to_arrow([x], 3, 8)},
+                         schema=shard_schema(task, 1))
+        pq.write_table(table, root / m["shards"][0]["path"])
+        data = (root / m["shards"][0]["path"]).read_bytes()
+        m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=1)
+        (root / "manifest.json").write_text(json.dumps(m))
+        return "expected large_binary"
+    t = pq.read_table(root / m["shards"][0]["path"])
+    values = t["features"].to_pylist()
+    values[1] = values[1][: -48 if how == "truncated" else -7]  # a frame short, or not whole frames
+    import hashlib
+
+    t = t.set_column(4, t.schema.field("features"), pa.array(values, pa.large_binary()))
+    pq.write_table(t, root / m["shards"][0]["path"])
+    data = (root / m["shards"][0]["path"]).read_bytes()
+    m["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(m))
+    return "video short-video: " + ("240 bytes" if how == "truncated" else "281 bytes")
+
+
+@pytest.mark.parametrize("how", ["truncated", "wrong-length", "v1-schema"])
+def test_bad_binary_values_are_one_line(tmp_path, how):
+    from tests.support.cli import run_main
+
+    (tmp_path / "d").mkdir()
+    expected = _bad_value(tmp_path / "d", how)
+    r = run_main(["data", "verify", str(tmp_path / "d")], tmp_path)
+    assert r.code == 2 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert expected in r.err, r.err
+
+
+# --- the node-local shard cache ------------------------------------------------------------------
+
+
+def _gets(proxy) -> int:
+    return sum(1 for r in proxy.requests if r.startswith("GET "))
+
+
+def test_shard_cache_fetches_once_and_refetches_a_corrupt_copy(s3_server, s3_bucket, tmp_path):
+    """A shard comes from object storage once per node: a second read, another worker on the node (a
+    thread here: the lock is a file lock, shared by processes too) and a later process read the local
+    copy; a copy changed on disk is detected by its hash and fetched again."""
+    import threading
+
+    from tests.support.servers import TcpProxy
+    from vis4mer.datasets import cache as shard_cache
+
+    bucket, _ = s3_bucket
+    proxy = TcpProxy(s3_server.port)
+    proxy.up()
+    try:
+        uri = f"s3://{bucket}/c"
+        opts = StorageOptions(endpoint_url=proxy.endpoint)
+        write(uri, make_videos(6, 3, 8, seed=2), opts)
+        ds = open_dataset(uri, opts)
+        (s,) = ds.manifest.shards
+        cache = shard_cache.ShardCache(str(tmp_path / "cache"), max_bytes=2**30)
+        before = _gets(proxy)
+        paths = []
+        threads = [threading.Thread(target=lambda: paths.append(
+            cache.fetch(ds.res.pa, ds.res.join(s["path"]), s["sha256"], s["bytes"]))) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert len(paths) == 2 and paths[0] == paths[1] and paths[0].read_bytes() == (
+            filesystems(uri, opts).pa.open_input_file(ds.res.join(s["path"])).read())
+        fetched = _gets(proxy) - before
+        assert fetched >= 1
+        shard_cache._verified.clear()  # as a new worker process: hashes the copy, fetches nothing
+        cache.fetch(ds.res.pa, ds.res.join(s["path"]), s["sha256"], s["bytes"])
+        assert _gets(proxy) - before == fetched
+        data = bytearray(paths[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        paths[0].write_bytes(bytes(data))  # corrupt, same size, new mtime
+        cache.fetch(ds.res.pa, ds.res.join(s["path"]), s["sha256"], s["bytes"])
+        assert _gets(proxy) - before > fetched  # fetched again
+        assert hashlib_of(paths[0]) == s["sha256"]
+    finally:
+        proxy.close()
+
+
+def hashlib_of(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_second_epoch_through_the_disk_cache_reads_no_object_store_bytes(s3_server, s3_bucket, tmp_path,
+                                                                           ray_session):
+    from tests.support.servers import TcpProxy
+    from vis4mer.datasets.cache import ShardCache
+    from vis4mer.datasets.pipeline import read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
+
+    bucket, _ = s3_bucket
+    proxy = TcpProxy(s3_server.port)
+    proxy.up()
+    try:
+        uri = f"s3://{bucket}/e"
+        opts = StorageOptions(endpoint_url=proxy.endpoint)
+        videos = make_videos(12, 3, 8, seed=6)
+        _, task = write(uri, videos, opts, shard_bytes=2000)
+        ds = open_dataset(uri, opts)
+        per_epoch, before = [], _gets(proxy)
+        # (Ray Data may already read a sample of a shard while it plans the read: through the cache too)
+        cache = ShardCache(str(tmp_path / "cache"), max_bytes=2**30)
+        split, reader = read_split(ds, "train", cache=cache), ShardReader(ds, cache)
+        for epoch in range(2):
+            n = sum(len(b["y"]) for b in train_batches(split, task, batch_size=4, seed=0, epoch=epoch, drop_last=False,
+                                                       reader=reader))
+            per_epoch.append((n, _gets(proxy) - before))
+            before = _gets(proxy)
+        assert per_epoch[0][0] == per_epoch[1][0] == 12
+        assert per_epoch[0][1] >= len(ds.manifest.shards) and per_epoch[1][1] == 0, per_epoch
+    finally:
+        proxy.close()

@@ -523,7 +523,9 @@ def test_extract_swin_end_to_end(material, tmp_path, capsys, ray_session):
     """`vis4mer extract --extractor swin` with the tiny built-in Video Swin (random init, seed 0) on the
     small videos: one 32-frame segment each -> 49 tokens x 64, a dataset in the shard format that
     `vis4mer data verify` accepts and the training pipeline reads."""
-    from vis4mer.datasets.pipeline import eval_batches, read_split, train_batches
+    from vis4mer.datasets.pipeline import eval_videos, read_split, train_batches
+    from vis4mer.datasets.reader import ShardReader
+    from vis4mer.datasets.windows import device_windows
 
     out = tmp_path / "swin"
     argv = ["extract", "--videos", str(material["videos"]), "--out", str(out), "--extractor", "swin", "--arch", "tiny",
@@ -553,7 +555,10 @@ def test_extract_swin_end_to_end(material, tmp_path, capsys, ray_session):
     assert [f["video_id"] for f in failures] == ["broken"]
 
     # what training reads: 64 segment indices x 49 tokens per example
-    batch = next(iter(train_batches(read_split(ds, "train"), ds.task, batch_size=1, seed=0, epoch=0)))
+    assert ds.manifest.format_version == 2
+    reader = ShardReader(ds)
+    batch = next(iter(train_batches(read_split(ds, "train"), ds.task, batch_size=1, seed=0, epoch=0, reader=reader)))
     assert tuple(batch["x"].shape) == (1, 64 * 49, 64) and batch["y"].tolist() == [2]
-    batch = next(iter(eval_batches(read_split(ds, "test"), ds.task, batch_size=4)))
-    assert tuple(batch["x"].shape) == (1, 64 * 49, 64) and batch["video_id"] == ["c"]
+    (video,) = list(eval_videos(read_split(ds, "test"), ds.task, reader))
+    (windows,) = list(device_windows(video["x"], ds.task, batch_size=4))
+    assert tuple(windows.shape) == (1, 64 * 49, 64) and video["video_id"] == "c"

@@ -43,7 +43,7 @@ def test_worker_killed_mid_epoch_resumes_to_the_same_metrics(synthetic_dataset, 
     from vis4mer.orchestrator.train.driver import run_training
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = tiny(synthetic_dataset, tmp_path, "train.epochs=5", "tracking.enabled=true", "data.cache=true",
+    common = tiny(synthetic_dataset, tmp_path, "train.epochs=5", "tracking.enabled=true", "data.cache=memory",
                   f"tracking.tracking_uri={uri}", "tracking.experiment=kill", "train.max_failures=1")
     clean = run_training(load_config(None, [*common, "run.name=clean"]))
 
@@ -194,9 +194,10 @@ def test_a_trial_that_raises_is_recorded_and_the_sweep_goes_on(synthetic_dataset
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     d = {"name": "raises", "base": str(ROOT / "sweeps" / "train_synthetic.yaml"),
-         "overrides": {"data.uri": synthetic_dataset, "run.storage_path": str(tmp_path / "runs"), "data.cache": True,
-                       "tracking.tracking_uri": uri, "tracking.experiment": "raises", "model.d_model": 16,
-                       "model.d_state": 8, "data.batch_size": 4, "train.epochs": 3, "schedule.kind": "constant"},
+         "overrides": {"data.uri": synthetic_dataset, "run.storage_path": str(tmp_path / "runs"),
+                       "data.cache": "memory", "tracking.tracking_uri": uri, "tracking.experiment": "raises",
+                       "model.d_model": 16, "model.d_state": 8, "data.batch_size": 4, "train.epochs": 3,
+                       "schedule.kind": "constant"},
          "search_space": {"train.fail_at_epoch": {"grid": [None, 1]}},
          "scheduler": {"kind": "fifo"}, "budget": {"num_samples": 1, "max_concurrent_trials": 2}}
     p = tmp_path / "raises.yaml"

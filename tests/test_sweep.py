@@ -117,7 +117,7 @@ def test_sweep_lifecycle_asha_kill_resume_best_report(synthetic_dataset, tmp_pat
                        "tracking.tracking_uri": uri, "tracking.experiment": "asha",
                        "model.d_model": 16, "model.n_layers": 2, "model.d_state": 8, "data.batch_size": 4,
                        "train.epochs": 4, "schedule.kind": "constant", "train.checkpoint_every": 1,
-                       "data.cache": True},
+                       "data.cache": "memory"},
          "search_space": {"optim.lr": {"grid": [3e-2, 5.0, 3e-2]}},  # 5.0: a loss that blows up
          "metric": "train_loss",
          "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2},

@@ -61,7 +61,11 @@ class DataCfg:
     eval_batch_size: int = 32  # windows per evaluation batch, per worker
     shuffle_files: bool = True
     shuffle_buffer: int | None = None  # rows; local shuffle on each worker
-    cache: bool = False  # materialise the videos in Ray's object store once (data that fits in memory)
+    # none: read storage every epoch; memory: materialise the split in Ray's object store once (data
+    # that fits in memory); disk: each node keeps the shards it reads in cache_dir (datasets/cache.py)
+    cache: str = "none"
+    cache_dir: str = "/tmp/vis4mer-shards"  # node-local; the same path on every node
+    cache_max_gb: float = 500.0
     eval_splits: list[str] = field(default_factory=lambda: ["val"])
 
 
@@ -325,6 +329,9 @@ def validate(cfg: Config) -> None:
     need(d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", d.eval_batch_size)
     need(d.shuffle_buffer is None or d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1 row or null",
          d.shuffle_buffer)
+    need(d.cache in ("none", "memory", "disk"), "data.cache", "none, memory or disk", d.cache)
+    need(d.cache_max_gb > 0, "data.cache_max_gb", "> 0", d.cache_max_gb)
+    need(os.path.isabs(d.cache_dir), "data.cache_dir", "an absolute, node-local path", d.cache_dir)
     for split in d.eval_splits:
         need(split in ("val", "test"), "data.eval_splits", "a list of val and/or test", d.eval_splits)
     try:  # the model's own checks, at a length no schedule empties (the dataset's length comes later)

@@ -114,7 +114,9 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from vis4mer.datasets.cache import ShardCache
     from vis4mer.datasets.pipeline import read_split
+    from vis4mer.datasets.reader import ShardReader
     from vis4mer.orchestrator.train import tracking
     from vis4mer.orchestrator.train.tracking import Tag
 
@@ -132,14 +134,21 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
                 Tag.TASK: ds.task.name, **(extra_tags or {})}
         run_id = tracking.get_or_create_run(cfg, name, tags, parent_run_id)
 
-    datasets = {"train": read_split(ds, "train", shuffle_files=cfg.data.shuffle_files, seed=cfg.train.seed)}
+    # Format 2: Ray Data moves index rows, each worker reads its videos (ShardReader: local disk, the
+    # node's cache, or a range request). data.cache=memory keeps the features in Ray's object store.
+    cache = (ShardCache(cfg.data.cache_dir, int(cfg.data.cache_max_gb * 2**30)) if cfg.data.cache == "disk"
+             else None)
+    index = cfg.data.cache != "memory" and ds.manifest.format_version >= 2
+    datasets = {"train": read_split(ds, "train", shuffle_files=cfg.data.shuffle_files, seed=cfg.train.seed,
+                                    cache=cache, index=index)}
     for split in cfg.data.eval_splits:
-        datasets[split] = read_split(ds, split)
-    if cfg.data.cache:  # read once; later epochs stream from the object store (examples still vary per epoch)
+        datasets[split] = read_split(ds, split, cache=cache, index=index)
+    if cfg.data.cache == "memory":  # read once; later epochs stream from the object store (windows still vary)
         datasets = {k: v.materialize() for k, v in datasets.items()}
     worker_cfg = {
         "cfg": to_dict(cfg), "task": ds.task.to_dict(), "run_id": run_id,
         "tracking_uri": tracking.tracking_uri(cfg), "best_uri": best_uri,
+        "reader": ShardReader(ds, cache) if index else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -18,10 +18,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from vis4mer.datasets.pipeline import eval_batches, train_batches
+from vis4mer.datasets.pipeline import eval_videos, train_batches
 from vis4mer.datasets.storage import filesystems
 from vis4mer.datasets.tasks import TaskSpec, metric_mode
-from vis4mer.datasets.windows import VideoAggregator
+from vis4mer.datasets.windows import VideoAggregator, device_windows
 from vis4mer.model import ViS4mer, param_groups
 from vis4mer.orchestrator.train.config import Config, config_yaml, from_dict, model_config
 
@@ -150,17 +150,23 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def evaluate(model, iterator, task: TaskSpec, batch_size: int, device, world: int, amp: bool) -> dict:
+def evaluate(model, iterator, task: TaskSpec, batch_size: int, device, world: int, amp: bool, reader=None) -> dict:
+    """Every evaluation window of every video of this rank's shard, aggregated per video, gathered
+    over ranks. Each video goes to the device once; its windows are cut there (device_windows)."""
     agg, loss_sum, n = VideoAggregator(task), 0.0, 0
     model.eval()
     with torch.no_grad():
-        for b in eval_batches(iterator, task, batch_size):
-            x, y = b["x"].to(device).float(), b["y"].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
-            loss_sum += loss_fn(out, y, task).item() * len(y)
-            n += len(y)
-            agg.add(b["video_id"], out.float().cpu().numpy(), y.cpu().numpy())
+        for video in eval_videos(iterator, task, reader):
+            x = video["x"].pin_memory() if device.type == "cuda" else video["x"]
+            x = x.to(device, non_blocking=True)
+            for windows in device_windows(x, task, batch_size):
+                y = torch.full((len(windows),), video["y"], device=device,
+                               dtype=torch.long if task.type == "classification" else torch.float32)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(windows.float())
+                loss_sum += loss_fn(out, y, task).item() * len(y)
+                n += len(y)
+                agg.add([video["video_id"]] * len(y), out.float().cpu().numpy(), y.cpu().numpy())
     parts = _gather((agg, loss_sum, n), world)
     total = VideoAggregator(task)
     for a, _, _ in parts:
@@ -223,9 +229,13 @@ def train_loop_per_worker(config: dict) -> None:
         wait, steps, loss_sum, correct, clips = 0.0, 0, 0.0, 0, 0
         t_wait = time.perf_counter()
         for i, batch in enumerate(train_batches(train_it, task, micro, seed=cfg.train.seed, epoch=epoch,
+                                                pin_memory=device.type == "cuda", reader=config["reader"],
+                                                shuffle=cfg.data.shuffle_files,
                                                 shuffle_buffer=cfg.data.shuffle_buffer)):
             wait += time.perf_counter() - t_wait
-            x, y = batch["x"].to(device).float(), batch["y"].to(device)
+            # float16 until on the device (an asynchronous copy from pinned memory), cast there
+            x = batch["x"].to(device, non_blocking=True).float()
+            y = batch["y"].to(device, non_blocking=True)
             last_micro = (i + 1) % cfg.optim.grad_accum == 0
             # no gradient all-reduce on the micro-steps before the last one of an optimiser step
             sync = model.no_sync() if (not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
@@ -256,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         improved = False
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             for split, it in eval_its.items():
-                r = evaluate(raw, it, task, cfg.data.eval_batch_size, device, world, amp)
+                r = evaluate(raw, it, task, cfg.data.eval_batch_size, device, world, amp, config["reader"])
                 metrics[f"{split}_loss"] = r["loss"]
                 metrics[f"{split}_{task.metric}"] = r["metric"]
             key = f"{cfg.data.eval_splits[0]}_{task.metric}"

@@ -126,6 +126,7 @@ class TcpProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.lock, self.conns, self.listener = threading.Lock(), set(), None
         self.serving, self.refused = False, []
+        self.requests: list[str] = []  # the request line of every request passed through (e.g. "GET /b/k ...")
         self.trip, self.tripped = None, threading.Event()
 
     def down_on(self, pattern: bytes) -> None:
@@ -207,6 +208,9 @@ class TcpProxy:
                     self.down()
                     self.tripped.set()
                     return
+                if upstream:
+                    self.requests += [ln.decode("latin-1") for ln in data.split(b"\r\n")
+                                      if ln[:8].split(b" ")[0] in (b"GET", b"HEAD", b"PUT", b"POST", b"DELETE")]
                 dst.sendall(data)
         except OSError:
             pass
