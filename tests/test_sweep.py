@@ -3,6 +3,7 @@ MLflow gets one parent run and one child run per trial."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import signal
@@ -61,6 +62,10 @@ def test_an_override_of_a_searched_key_fixes_it():
     (lambda d: d.update(search_space={"model": {"choice": [{"n_layers": 2, "pool": [2]}]}}),
      "trial with model.n_layers=2 model.pool=\\[2\\].*model.pool has 1 entries but model.n_layers=2"),
     (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
+    (lambda d: d["budget"].update(max_sweep_gpu_hours=0), r"max_sweep_gpu_hours=0: expected a finite number > 0"),
+    (lambda d: d["budget"].update(max_trial_hours="1h"), r"budget.max_trial_hours='1h': expected a finite number"),
+    (lambda d: d["budget"].update(price_per_cpu_hour=-1), r"budget.price_per_cpu_hour=-1: expected .* >= 0"),
+    (lambda d: d["budget"].update(max_sweep_cpu_hours=float("inf")), r"max_sweep_cpu_hours=inf: expected a finite"),
 ])
 def test_bad_sweeps_are_refused(tmp_path, mutate, match):
     d = yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text())
@@ -240,3 +245,55 @@ def test_a_sweep_run_again_is_a_new_sweep_and_best_and_report_read_the_latest(tm
     assert (metric, mode, [r.trial_id for r in rows]) == ("val_top1", "max", ["second_00000"])
     _, parent, children, _ = sweep_runs(store, "again", "again")
     assert parent.info.run_id == parents[1] and len(children) == 1
+
+
+def test_best_groups_seeds_ranks_by_the_mean_and_report_draws_the_spread(tmp_path):
+    """A search space with train.seed: `best` ranks configurations by their mean over seeds (not by
+    their luckiest seed), shows mean +- std, the count and summed spend; --no-group-seeds ranks
+    trials; `report` adds the spread plot."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.cli import run_main
+    from vis4mer.orchestrator.train import tracking
+
+    store = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(str(ROOT / "sweeps" / "train_synthetic.yaml"),
+                      [f"tracking.tracking_uri={store}", "tracking.experiment=seeds"])
+    client = MlflowClient(store)
+    parent = tracking.get_or_create_parent(cfg, "seeds", {"vis4mer.sweep": "seeds", "vis4mer.metric": "val_top1"},
+                                           {"optim.lr": {"grid": [0.01, 0.1]}, "train.seed": {"grid": [1, 2, 3]}})
+    exp = client.get_run(parent).info.experiment_id
+    values = {0.01: [0.70, 0.72, 0.74], 0.1: [0.95, 0.40, 0.45]}  # lr 0.1 has the single best seed
+    for i, (lr, seed) in enumerate((lr, s) for lr in values for s in (1, 2, 3)):
+        child = client.create_run(exp, run_name=f"seeds-t{i}", tags={
+            "mlflow.parentRunId": parent, "vis4mer.sweep": "seeds", "vis4mer.trial_id": f"t{i}",
+            "vis4mer.params": json.dumps({"optim.lr": lr, "train.seed": seed})})
+        for step, frac in enumerate((0.5, 1.0)):
+            client.log_metric(child.info.run_id, "val_top1", values[lr][seed - 1] * frac, step=step + 1)
+        client.log_text(child.info.run_id, f"optim:\n  lr: {lr}\ntrain:\n  seed: {seed}\n", "config.yaml")
+        client.log_metric(child.info.run_id, "cpu_hours", 0.25)
+        client.log_metric(child.info.run_id, "gpu_hours", 0.0)
+    r = run_main(["best", "--sweep", "seeds", "--tracking-uri", store, "--out", str(tmp_path / "best.yaml")], tmp_path)
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0] == "best configurations by mean val_top1 over seeds (max):"
+    first, second = lines[2].split(), lines[3].split()
+    mean, std = statistics.fmean(values[0.01]), statistics.stdev(values[0.01])
+    assert float(first[1]) == pytest.approx(mean, abs=1e-4) and float(first[3]) == pytest.approx(std, abs=1e-3)
+    assert first[4] == "3" and float(first[5]) == pytest.approx(0.75) and '"optim.lr": 0.01' in lines[2]
+    assert float(second[1]) == pytest.approx(statistics.fmean(values[0.1]), abs=1e-4)
+    assert " t2 " in lines[2]  # the best seed of the best configuration is the winner written out
+    assert "# best trial t2 " in (tmp_path / "best.yaml").read_text()
+
+    r = run_main(["best", "--sweep", "seeds", "--tracking-uri", store, "--no-group-seeds", "--top", "1",
+                  "--out", str(tmp_path / "b2.yaml")], tmp_path)
+    assert r.code == 0 and "best trials by val_top1 (max)" in r.out and " t3 " in r.out.splitlines()[2], r.out
+
+    r = run_main(["report", "seeds", "--tracking-uri", store, "--out", str(tmp_path / "plots")], tmp_path)
+    assert r.code == 0, r.err
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "plots" / "seeds_seeds.png")
+    assert img.shape[0] > 200 and img.std() > 0.01

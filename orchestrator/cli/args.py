@@ -32,14 +32,21 @@ positive_int = _int_at_least(1, "not a positive integer")
 non_negative_int = _int_at_least(0, "negative")
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+def _finite_float(ok, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+positive_float = _finite_float(lambda v: v > 0, "a positive number")
+non_negative_float = _finite_float(lambda v: v >= 0, "a finite number >= 0")
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:

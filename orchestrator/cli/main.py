@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from vis4mer.datasets.errors import UserError
-from vis4mer.orchestrator.cli import cloud, data, extract, jobs, k8s, sweep, train
+from vis4mer.orchestrator.cli import cloud, data, extract, jobs, k8s, registry, sweep, train
 from vis4mer.orchestrator.cli.args import Parser
 from vis4mer.orchestrator.secret_names import redact
 
@@ -18,7 +18,7 @@ from vis4mer.orchestrator.secret_names import redact
 def build_parser() -> Parser:
     p = Parser(prog="vis4mer", description="ViS4mer long-video models on Ray: train, sweep, track.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in (sweep, train, data, extract, jobs, k8s, cloud):
+    for module in (sweep, registry, train, data, extract, jobs, k8s, cloud):
         module.register(sub)
     return p
 

@@ -1,7 +1,15 @@
 """`vis4mer sweep`, `best`, `report` and `demo`: sweeps on Ray Tune and what MLflow knows of them."""
 from __future__ import annotations
 
-from vis4mer.orchestrator.cli.args import positive_int
+import argparse
+
+from vis4mer.orchestrator.cli.args import non_negative_float, positive_int
+
+
+def _prices(a) -> dict:
+    """--price-per-cpu-hour / --price-per-gpu-hour, as the sweep budget's keys."""
+    return {k: v for k, v in (("price_per_cpu_hour", a.price_per_cpu_hour),
+                              ("price_per_gpu_hour", a.price_per_gpu_hour)) if v is not None}
 
 
 def _sweep(a) -> int:
@@ -16,11 +24,14 @@ def _sweep(a) -> int:
         spec = load_sweep(a.sweep, a.overrides)
     if a.max_concurrent_trials:
         spec.budget["max_concurrent_trials"] = a.max_concurrent_trials
+    spec.budget.update(_prices(a))
     from vis4mer.orchestrator.sweep.tune_run import run_sweep
 
     grid, plan = run_sweep(spec, resume=a.resume, address=a.address)
     ok = [r for r in grid if r.metrics]
     print(f"sweep {spec.name}: {len(grid)} trials, {len(ok)} reported, {sum(1 for r in grid if r.error)} errored")
+    if plan.stop_reason:
+        print(f"sweep {spec.name}: stopped at its budget: {plan.stop_reason}")
     if plan.parent_run_id:
         print(f"mlflow parent run id: {plan.parent_run_id}")
         from vis4mer.orchestrator.sweep.summary import print_sweep_results
@@ -30,7 +41,7 @@ def _sweep(a) -> int:
 
 
 def _best(a) -> int:
-    from vis4mer.orchestrator.sweep.best import best_trials, format_table, write_best_config
+    from vis4mer.orchestrator.sweep.best import print_ranking, write_best_config
     from vis4mer.orchestrator.train.config import check_name
     from vis4mer.orchestrator.train.tracking import default_tracking_uri, reading_store
 
@@ -38,10 +49,8 @@ def _best(a) -> int:
         check_name(a.sweep, "--sweep")
     uri = a.tracking_uri or default_tracking_uri()
     with reading_store(uri):
-        metric, mode, rows = best_trials(uri, a.experiment, a.sweep, a.metric, a.top)
-        print(f"best trials by {metric} ({mode}):")
-        print(format_table(metric, rows))
-        print(f"wrote {write_best_config(uri, rows[0], a.out)}")
+        winner = print_ranking(uri, a.experiment, a.sweep, a.metric, a.top, a.group_seeds, _prices(a))
+        print(f"wrote {write_best_config(uri, winner, a.out)}")
     return 0
 
 
@@ -74,6 +83,12 @@ def _demo(a) -> int:
     return run_demo_sweep(data_uri=a.data, overrides=a.overrides, address=a.address)
 
 
+def _add_price_args(p) -> None:
+    for unit in ("cpu", "gpu"):
+        p.add_argument(f"--price-per-{unit}-hour", type=non_negative_float,
+                       help="for the estimated cost (overrides the sweep's budget)")
+
+
 def register(sub) -> None:
     d = sub.add_parser("demo", help="the main job: the demo sweep on a local Ray (synthesises its data if absent)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the demo sweep's base config")
@@ -95,6 +110,7 @@ def register(sub) -> None:
     w.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     w.add_argument("--max-concurrent-trials", type=positive_int,
                    help="override budget.max_concurrent_trials (e.g. for a cluster that scales up from 0 nodes)")
+    _add_price_args(w)
     w.set_defaults(func=_sweep)
 
     b = sub.add_parser("best",
@@ -105,6 +121,9 @@ def register(sub) -> None:
     b.add_argument("--tracking-uri", help="default: sqlite:///$PWD/mlflow.db")
     b.add_argument("--experiment", help="MLflow experiment (default: search them all)")
     b.add_argument("--out", default="best.yaml")
+    b.add_argument("--group-seeds", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank configurations by the mean over train.seed (default: when the sweep searches seeds)")
+    _add_price_args(b)
     b.set_defaults(func=_best)
 
     r = sub.add_parser("report", help="plots of a sweep from MLflow (final metric vs d_state, depth, pooling; "

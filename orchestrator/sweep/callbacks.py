@@ -93,23 +93,36 @@ class TrialRunCloser(Callback):
     A trial that the scheduler stops never returns from its training call (Tune ends its actor),
     so its run would stay RUNNING: here it is FINISHED with the tag `vis4mer.stopped_early`. A
     trial that raised is FAILED with its error text (tag `vis4mer.error`, artifact `error.txt`);
-    the sweep goes on with the other trials.
+    the sweep goes on with the other trials. Trials still running when the whole sweep is stopped
+    (its budget: sweep/budget.py) get no completion event: they are closed at the experiment's end.
+    Each closed run gets its spend (cpu_hours, gpu_hours, cost).
     """
 
-    def __init__(self, cfg, sweep: str, max_epochs: int):
+    def __init__(self, cfg, sweep: str, max_epochs: int, need=None, budget: dict | None = None):
         self.cfg, self.sweep, self.max_epochs = cfg, sweep, max_epochs
+        self.need, self.budget = need, budget or {}  # what a trial's run holds: its spend is logged at the end
+        self.closed: set[str] = set()
 
     def _close(self, trial, status: str, tags: dict, error: str | None = None) -> None:
+        from vis4mer.orchestrator.sweep.budget import spend
         from vis4mer.orchestrator.train import tracking
 
+        self.closed.add(trial.trial_id)
+        seconds = float((trial.last_result or {}).get("time_total_s", 0.0))
+        metrics = spend(seconds, self.need, self.budget) if self.need is not None else None
         try:
-            tracking.close_run_by_name(self.cfg, trial_name(self.sweep, trial.trial_id), status, tags, error)
+            tracking.close_run_by_name(self.cfg, trial_name(self.sweep, trial.trial_id), status, tags, error, metrics)
         except Exception as e:  # tracking trouble must not stop the sweep
             print(f"warning: could not close the MLflow run of trial {trial.trial_id}: {e}", file=sys.stderr)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = (trial.last_result or {}).get("training_iteration", 0)
         self._close(trial, "FINISHED", {Tag.STOPPED_EARLY: str(epochs < self.max_epochs).lower()})
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            if trial.trial_id not in self.closed and trial.last_result:  # started, then stopped with the sweep
+                self.on_trial_complete(0, trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         text = None

@@ -42,7 +42,8 @@ def run_demo_sweep(data_uri: str = "data/synthetic_order", overrides: list[str] 
           "chance on this task is 50 %", flush=True)
     grid, plan = run_sweep(spec, address=address)
     print(f"mlflow parent run id: {plan.parent_run_id}")
-    metric, rows, _ = print_sweep_results(plan, top=8)
+    print_sweep_results(plan, top=8)
+    metric = plan.metric
     by_depth: dict[int, float] = {}
     for r in grid:
         if r.metrics and metric in r.metrics:
@@ -51,4 +52,15 @@ def run_demo_sweep(data_uri: str = "data/synthetic_order", overrides: list[str] 
     summary = ", ".join(f"depth {d}: {v:.1%}" for d, v in sorted(by_depth.items()))
     print(f"best {metric} per depth: {summary}")
     print("see them in MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(next_steps(spec.name, data_uri))
     return 0
+
+
+def next_steps(sweep: str, data_uri: str) -> str:
+    """What a team does after a sweep, as commands to copy (printed, not run)."""
+    model = f"vis4mer-{sweep}"
+    return "\n".join([
+        "next steps (the winner's test numbers, the registry, predictions):",
+        f"  vis4mer evaluate --sweep {sweep} --split test",
+        f"  vis4mer promote --sweep {sweep} --model-name {model} --alias champion",
+        f"  vis4mer predict --model models:/{model}@champion --data {data_uri} --split test --out preds.parquet"])

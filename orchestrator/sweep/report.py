@@ -4,7 +4,9 @@ Two PNGs, saved locally and logged to the sweep's parent run (artifact folder `r
 
 * `<name>_final_metric.png`: each trial's final metric against the state size, the depth and the
   pooling schedule (one point per trial; hollow points are trials the scheduler stopped early);
-* `<name>_learning_curves.png`: the metric per epoch of every trial, coloured by depth.
+* `<name>_learning_curves.png`: the metric per epoch of every trial, coloured by depth;
+* `<name>_seeds.png`, when the sweep searches `train.seed`: each configuration's trials over seeds
+  (one dot a seed) and their mean +- std, ranked by the mean.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from vis4mer.orchestrator.sweep.lookup import sweep_runs
+from vis4mer.orchestrator.sweep.seeds import group_by_config, searches_seeds
 from vis4mer.orchestrator.train.config import ConfigError
 from vis4mer.orchestrator.train.tracking import Tag
 
@@ -22,6 +25,7 @@ class TrialCurve:
     trial_id: str
     params: dict  # the flattened config MLflow holds for the child run
     final: float
+    sampled: dict = field(default_factory=dict)  # the trial's sampled search-space parameters
     steps: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
 
@@ -55,7 +59,8 @@ def collect(tracking_uri: str, experiment: str | None, sweep: str, metric: str |
             continue
         history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
         curves.append(TrialCurve(r.data.tags.get(Tag.TRIAL_ID, r.info.run_id), dict(r.data.params),
-                                 r.data.metrics[metric], [m.step for m in history], [m.value for m in history]))
+                                 r.data.metrics[metric], json.loads(r.data.tags.get(Tag.PARAMS, "{}")),
+                                 [m.step for m in history], [m.value for m in history]))
     if not curves:
         raise ConfigError(f"sweep {sweep!r}: no trial reported {metric!r} yet")
     curves.sort(key=lambda c: c.trial_id)
@@ -70,6 +75,31 @@ def _categorical(ax, labels: list[str], values: list[float], stopped: list[bool]
     for x, j, y, s, c in zip(xs, jitter, values, stopped, colours):
         ax.scatter(x + j, y, s=36, facecolors="none" if s else c, edgecolors=c, linewidths=1.5)
     ax.set_xticks(range(len(order)), order, rotation=20 if max(map(len, order)) > 6 else 0, fontsize=8)
+
+
+def _seed_spread(plt, sweep: str, metric: str, curves: list[TrialCurve], path: str) -> str:
+    """One column a configuration: its seeds' final metric as dots, mean +- std as a bar."""
+    from vis4mer.datasets.tasks import metric_mode
+
+    groups = sorted(group_by_config(curves, lambda c: c.sampled, lambda c: c.final), key=lambda g: g.mean,
+                    reverse=metric_mode(metric) == "max")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2), 4.5))
+    for x, g in enumerate(groups):
+        ax.scatter([x] * g.count, g.values, s=20, color="tab:blue", alpha=0.6)
+        ax.errorbar(x + 0.15, g.mean, yerr=g.std, fmt="o", color="black", capsize=4)
+    labels = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(g.params.items()))[:40] for g in groups]
+    ax.set_xticks(range(len(groups)), [f"#{i + 1} ({g.count})" for i, g in enumerate(groups)], fontsize=8)
+    ax.set_ylabel(f"final {metric}")
+    ax.set_xlabel("configuration, ranked by mean over seeds (number of seeds)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"sweep {sweep}: spread over seeds (dots: seeds; black: mean +- std)", fontsize=10)
+    for i, label in enumerate(labels):
+        ax.annotate(label, (i, min(groups[i].values)), textcoords="offset points", xytext=(0, -14), ha="center",
+                    fontsize=6, rotation=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def make_report(tracking_uri: str, experiment: str | None, sweep: str, out_dir: str, metric: str | None = None,
@@ -119,6 +149,8 @@ def make_report(tracking_uri: str, experiment: str | None, sweep: str, out_dir: 
     plt.close(fig)
 
     paths = [final_png, curves_png]
+    if searches_seeds([c.sampled for c in curves]):
+        paths.append(_seed_spread(plt, sweep, metric, curves, os.path.join(out_dir, f"{sweep}_seeds.png")))
     if log_to_parent:
         for p in paths:
             client.log_artifact(parent.info.run_id, p, "report")

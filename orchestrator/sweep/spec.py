@@ -33,7 +33,12 @@ SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SPEC_KEYS = ("name", "base", "overrides", "search_space", "scheduler", "metric", "budget")
 # max_failures: how often Tune restarts a trial whose driver died (a lost node); the restarted trial
 # resumes its Train run from the last checkpoint under its stable name
-BUDGET_KEYS = {"num_samples", "max_concurrent_trials", "max_failures"}
+# Limits on what a sweep may spend (hours of its trials' measured run time, times the CPUs or GPUs
+# one run holds: train.config.run_resources), and prices per hour for the estimated cost. Enforced
+# by Tune stoppers (sweep/budget.py); a sweep that reaches one ends cleanly and says so.
+SPEND_KEYS = ("max_trial_hours", "max_sweep_cpu_hours", "max_sweep_gpu_hours", "price_per_cpu_hour",
+              "price_per_gpu_hour")
+BUDGET_KEYS = {"num_samples", "max_concurrent_trials", "max_failures", *SPEND_KEYS}
 
 
 @dataclass
@@ -143,6 +148,12 @@ def validate_sweep(spec: SweepSpec) -> None:
     b = spec.budget
     if set(b) - BUDGET_KEYS:
         raise ConfigError(f"{where}: budget: unknown key {sorted(set(b) - BUDGET_KEYS, key=str)[0]!r}")
+    for key in SPEND_KEYS:
+        v, limit = b.get(key), key.startswith("max_")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if v is not None and not (number and (v > 0 if limit else v >= 0)):
+            raise ConfigError(f"{where}: budget.{key}={v!r}: expected a finite number "
+                              f"{'> 0' if key.startswith('max_') else '>= 0'} or null")
     if not isinstance(b.get("max_failures", 0), int) or b.get("max_failures", 0) < 0:
         raise ConfigError(f"{where}: budget.max_failures={b['max_failures']!r}: expected an integer >= 0")
     if not isinstance(b["num_samples"], int) or b["num_samples"] < 1:

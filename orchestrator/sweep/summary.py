@@ -2,19 +2,18 @@
 plots, both from MLflow (the same queries as `vis4mer best` and `vis4mer report`)."""
 from __future__ import annotations
 
-from vis4mer.orchestrator.sweep.best import TrialRow, best_trials, format_table
+from vis4mer.orchestrator.sweep.best import TrialRow, print_ranking
 from vis4mer.orchestrator.sweep.report import make_report
 from vis4mer.orchestrator.sweep.spec import report_dir
 from vis4mer.orchestrator.sweep.tune_run import SweepPlan
 from vis4mer.orchestrator.train.tracking import tracking_uri
 
 
-def print_sweep_results(plan: SweepPlan, top: int = 5) -> tuple[str, list[TrialRow], list[str]]:
+def print_sweep_results(plan: SweepPlan, top: int = 5) -> tuple[TrialRow, list[str]]:
+    """The ranking and the plots; returns the winner and the plots' paths."""
     uri, experiment, name = tracking_uri(plan.base), plan.base.tracking.experiment, plan.spec.name
-    metric, mode, rows = best_trials(uri, experiment, name, plan.metric, top)
-    print(f"best trials by {metric} ({mode}):")
-    print(format_table(metric, rows))
-    plots = make_report(uri, experiment, name, report_dir(name), metric)
+    winner = print_ranking(uri, experiment, name, plan.metric, top)
+    plots = make_report(uri, experiment, name, report_dir(name), plan.metric)
     for path in plots:
         print(f"plot: {path}")
-    return metric, rows, plots
+    return winner, plots

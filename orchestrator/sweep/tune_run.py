@@ -35,6 +35,7 @@ class SweepPlan:
     metric: str
     mode: str  # "max" | "min"
     parent_run_id: str | None = None  # the sweep's MLflow parent run
+    stop_reason: str | None = None  # set when the sweep ended at its budget
 
 
 def absolute_local_paths(cfg: Config) -> list[str]:
@@ -116,6 +117,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from vis4mer.datasets.storage import filesystems
+    from vis4mer.orchestrator.sweep.budget import BudgetStopper, stop_reason
     from vis4mer.orchestrator.sweep.callbacks import SweepProgress, TrialRunCloser
     from vis4mer.orchestrator.train import tracking
     from vis4mer.orchestrator.train.driver import check_gpus, init_ray
@@ -140,11 +142,14 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=s.get("max_t", epochs),
                                grace_period=s.get("grace_period", 1), reduction_factor=s.get("reduction_factor", 2))
                  if s["kind"] == "asha" else FIFOScheduler())
-    callbacks = [TrialRunCloser(base, spec.name, epochs)] if plan.parent_run_id else []
+    need = run_resources(base.scaling)
+    callbacks = [TrialRunCloser(base, spec.name, epochs, need, spec.budget)] if plan.parent_run_id else []
     if progress:
         callbacks.append(SweepProgress(spec.name, plan.metric, plan.mode, epochs, total=trial_count(spec)))
+    limited = any(spec.budget.get(k) is not None for k in ("max_trial_hours", "max_sweep_cpu_hours",
+                                                            "max_sweep_gpu_hours"))
     run_config = tune.RunConfig(name=spec.name, storage_path=res.path, storage_filesystem=fs, verbose=0,
-                                callbacks=callbacks,
+                                callbacks=callbacks, stop=BudgetStopper(spec.budget, need) if limited else None,
                                 failure_config=tune.FailureConfig(max_failures=spec.budget.get("max_failures", 0)))
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_DRIVER_CPUS})
     path = res.join(spec.name)
@@ -159,6 +164,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None,
                                                        max_concurrent_trials=concurrency(spec, base)),
                            run_config=run_config)
     grid = tuner.fit()
+    seconds = {r.metrics.get("trial_id", str(i)): float(r.metrics.get("time_total_s", 0.0))
+               for i, r in enumerate(grid) if r.metrics}
+    plan = replace(plan, stop_reason=stop_reason(seconds, need, spec.budget))
     if plan.parent_run_id:
-        tracking.summarise_parent(base, plan.parent_run_id, grid, plan.metric, plan.mode)
+        tracking.summarise_parent(base, plan.parent_run_id, grid, plan.metric, plan.mode, plan.stop_reason)
     return grid, plan

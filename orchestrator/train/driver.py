@@ -184,13 +184,40 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
 
 def load_best_model(cfg: Config, best_uri: str, ds: FeatureDataset | None = None):
     """The model of the best checkpoint (weights only), or None when there is none yet."""
+    return _load_model(cfg, filesystems(best_uri, cfg.run.storage), ds)
+
+
+def load_model(cfg: Config, checkpoint: str = "best", ds: FeatureDataset | None = None):
+    """A finished run's model from its storage: the best checkpoint (`<run>/best`) or the last one
+    Ray Train kept (`<run>/checkpoint_*`, the latest). A ConfigError when there is none."""
+    runs = filesystems(cfg.run.storage_path, cfg.run.storage)
+    name = run_name(cfg)
+    if checkpoint == "best":
+        where = runs.uri(name, "best")
+        model = _load_model(cfg, filesystems(where, cfg.run.storage), ds)
+    else:
+        import pyarrow.fs as pafs
+
+        try:
+            infos = runs.pa.get_file_info(pafs.FileSelector(runs.join(name), allow_not_found=True))
+        except OSError:
+            infos = []
+        last = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                      and i.base_name.startswith("checkpoint_"))
+        where = runs.uri(name, last[-1]) if last else runs.uri(name, "checkpoint_*")
+        model = _load_model(cfg, filesystems(where, cfg.run.storage), ds) if last else None
+    if model is None:
+        raise ConfigError(f"run {name}: no {checkpoint} checkpoint at {where}")
+    return model
+
+
+def _load_model(cfg: Config, res, ds: FeatureDataset | None):
     import io
 
     import torch
 
     from vis4mer.model import ViS4mer
 
-    res = filesystems(best_uri, cfg.run.storage)
     try:
         with res.pa.open_input_file(res.join(STATE)) as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)

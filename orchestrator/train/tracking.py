@@ -33,6 +33,10 @@ class Tag:
     TASK = "vis4mer.task"
     GIT_COMMIT = "vis4mer.git_commit"
     RAY_JOB_ID = "vis4mer.ray_job_id"
+    STOP_REASON = "vis4mer.stop_reason"  # on a sweep's parent run: why it ended before every trial ran
+    SOURCE_RUN = "vis4mer.source_run_id"  # on a registered model version: the run it was promoted from
+    CHECKPOINT = "vis4mer.checkpoint"  # best | last
+    CONFIG = "vis4mer.config"  # a model version's training config (YAML)
 
 
 def default_tracking_uri() -> str:
@@ -226,16 +230,13 @@ def finish_run(cfg: Config, run_id: str, status: str = "FINISHED") -> bool:
 
 def log_best_model(cfg: Config, run_id: str, model) -> None:
     """The best checkpoint as an MLflow PyTorch model (artifact `best_model`)."""
-    # Stated, not inferred: inference loads the model in a subprocess to see what it imports
-    # (~4 s of CPU at the end of every run) and finds these same packages.
     import sys
-    from importlib.metadata import version
 
     import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    reqs = mlflow.pytorch.get_default_pip_requirements() + [f"vis4mer=={version('vis4mer')}"]
+    reqs = pip_requirements()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     try:
         with bounded_http(retries=1), mlflow.start_run(run_id=run_id):
@@ -245,6 +246,16 @@ def log_best_model(cfg: Config, run_id: str, model) -> None:
             raise
         print(f"warning: the best model was not logged to MLflow run {run_id} (server unreachable); it stays in "
               "the run's storage (<run>/best)", file=sys.stderr, flush=True)
+
+
+def pip_requirements() -> list[str]:
+    """What a logged vis4mer model needs: MLflow's PyTorch defaults and vis4mer. Stated, not inferred:
+    inference loads the model in a subprocess to see what it imports (~4 s of CPU) and finds these."""
+    from importlib.metadata import version
+
+    import mlflow.pytorch
+
+    return mlflow.pytorch.get_default_pip_requirements() + [f"vis4mer=={version('vis4mer')}"]
 
 
 def unreachable(e: Exception) -> bool:
@@ -271,8 +282,8 @@ def get_or_create_parent(cfg: Config, sweep: str, tags: dict, search_space: dict
     return run.info.run_id
 
 
-def summarise_parent(cfg: Config, parent_id: str, grid, metric: str, mode: str) -> None:
-    """Best config and a summary table (one row per trial) on the parent run."""
+def summarise_parent(cfg: Config, parent_id: str, grid, metric: str, mode: str, stop_reason: str | None = None) -> None:
+    """Best config and a summary table (one row per trial) on the parent run; why it stopped early."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -291,11 +302,15 @@ def summarise_parent(cfg: Config, parent_id: str, grid, metric: str, mode: str) 
             client.log_metric(parent_id, f"best_{metric}", float(best.metrics[metric]))
     except RuntimeError:
         pass  # no trial reported the metric
+    if stop_reason:
+        client.set_tag(parent_id, Tag.STOP_REASON, stop_reason)
     client.set_terminated(parent_id, status="FINISHED")
 
 
-def close_run_by_name(cfg: Config, name: str, status: str, tags: dict, error: str | None = None) -> str | None:
-    """Ends the run called `name` (if it exists) with `status`, its tags and, for a failure, the error."""
+def close_run_by_name(cfg: Config, name: str, status: str, tags: dict, error: str | None = None,
+                      metrics: dict | None = None) -> str | None:
+    """Ends the run called `name` (if it exists) with `status`, its tags and metrics and, for a failure,
+    the error."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
@@ -305,6 +320,8 @@ def close_run_by_name(cfg: Config, name: str, status: str, tags: dict, error: st
     run_id = found.info.run_id
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
+    for k, v in (metrics or {}).items():
+        client.log_metric(run_id, k, v)
     if error:
         lines = [ln for ln in error.strip().splitlines() if ln.strip()]
         client.set_tag(run_id, Tag.ERROR, (lines[-1] if lines else error)[:500])

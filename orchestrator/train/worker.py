@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from vis4mer.datasets.pipeline import eval_videos, train_batches
 from vis4mer.datasets.storage import filesystems
 from vis4mer.datasets.tasks import TaskSpec, metric_mode
-from vis4mer.datasets.windows import VideoAggregator, device_windows
+from vis4mer.datasets.windows import VideoAggregator
 from vis4mer.model import ViS4mer, param_groups
 from vis4mer.orchestrator.train.config import Config, config_yaml, from_dict, model_config
+from vis4mer.orchestrator.train.inference import window_loss, window_outputs
 
 STATE = "state.pt"
 
@@ -155,18 +156,12 @@ def evaluate(model, iterator, task: TaskSpec, batch_size: int, device, world: in
     over ranks. Each video goes to the device once; its windows are cut there (device_windows)."""
     agg, loss_sum, n = VideoAggregator(task), 0.0, 0
     model.eval()
-    with torch.no_grad():
-        for video in eval_videos(iterator, task, reader):
-            x = video["x"].pin_memory() if device.type == "cuda" else video["x"]
-            x = x.to(device, non_blocking=True)
-            for windows in device_windows(x, task, batch_size):
-                y = torch.full((len(windows),), video["y"], device=device,
-                               dtype=torch.long if task.type == "classification" else torch.float32)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(windows.float())
-                loss_sum += loss_fn(out, y, task).item() * len(y)
-                n += len(y)
-                agg.add([video["video_id"]] * len(y), out.float().cpu().numpy(), y.cpu().numpy())
+    for video in eval_videos(iterator, task, reader):
+        x = video["x"].pin_memory() if device.type == "cuda" else video["x"]
+        out = window_outputs(model, x.to(device, non_blocking=True), task, batch_size, amp)
+        loss_sum += window_loss(out, video["y"], task)
+        n += len(out)
+        agg.add([video["video_id"]] * len(out), out.cpu().numpy(), [video["y"]] * len(out))
     parts = _gather((agg, loss_sum, n), world)
     total = VideoAggregator(task)
     for a, _, _ in parts:
