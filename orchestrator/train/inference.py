@@ -47,9 +47,12 @@ def window_loss(out: torch.Tensor, label, task: TaskSpec) -> float:
 class VideoPredictor:
     """The Ray Data actor: a model on its device; index rows in, one prediction row a video out."""
 
-    def __init__(self, model_cfg: dict, state: dict, task: dict, reader, batch_size: int):
+    def __init__(self, model_cfg: dict, state_ref: list, task: dict, reader, batch_size: int):
+        import ray
+
         from vis4mer.model import ViS4mer, ViS4merConfig
 
+        state = ray.get(state_ref[0])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = ViS4mer(ViS4merConfig(**model_cfg)).to(self.device).eval()
         self.model.load_state_dict(state)
@@ -61,7 +64,8 @@ class VideoPredictor:
 
         rows = {c: [] for c in OUTPUT_COLUMNS}
         for video in eval_videos(_Rows(batch), self.task, self.reader):
-            x = video["x"].to(self.device)
+            x = video["x"].pin_memory() if self.device.type == "cuda" else video["x"]
+            x = x.to(self.device, non_blocking=True)  # float16 until on the device
             out = window_outputs(self.model, x, self.task, self.batch_size, self.amp)
             agg = VideoAggregator(self.task)
             agg.add([video["video_id"]] * len(out), out.cpu().numpy(), [video["y"]] * len(out))
@@ -106,11 +110,13 @@ def predict_split(model, ds: FeatureDataset, split: str, batch_size: int = 32, a
     gpus = int(ray.cluster_resources().get("GPU", 0))
     size = actors or max(gpus, 1)
     index = read_split(ds, split)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # The weights go to the object store once; each actor gets them by reference (wrapped in a list,
+    # so that Ray passes the reference rather than inlining the weights into the constructor call).
+    state_ref = [ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})]
     out = index.map_batches(
         VideoPredictor, batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=size),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs={"model_cfg": model.cfg.to_dict(), "state": state, "task": ds.task.to_dict(),
+        fn_constructor_kwargs={"model_cfg": model.cfg.to_dict(), "state_ref": state_ref, "task": ds.task.to_dict(),
                                "reader": ShardReader(ds, cache), "batch_size": batch_size})
     tables = [t for t in out.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
     table = pa.concat_tables(tables) if tables else _table({c: [] for c in OUTPUT_COLUMNS}, ds.task)
