@@ -161,16 +161,23 @@ class S4(nn.Module):
         return k[0]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, H) -> (B, L, H)."""
+        """u: (B, L, H) -> (B, L, H).
+
+        Under autocast the kernel and the FFT convolution run in fp32 (autocast off: the kernel's
+        Cauchy denominators and slow decays, and a convolution summing L terms, need fp32); the
+        rest follows autocast, the convolution's output cast to its dtype (bf16) at once, so that
+        GELU, dropout and the output Linear read and write half the bytes."""
         L = u.shape[1]
         n = fast_fft_length(2 * L)  # zero padding to >= 2L: linear, not circular, convolution
-        k = self.conv_kernel(L, n)  # (H, L) or (H, n)
-        u_t = u.transpose(1, 2).contiguous()  # (B, H, L); contiguous rows make the FFTs ~1.5x faster
-        # the D skip is the kernel's lag-0 tap: conv(u, k + D delta) = conv(u, k) + D u, without two
-        # more passes over (B, H, L) each way
-        k = torch.cat([k[:, :1] + self.D[:, None], k[:, 1:]], 1)
-        y = fft_conv(u_t.float(), k, n).to(u.dtype)  # (B, H, L)
-        y = F.gelu(y).transpose(1, 2)  # (B, L, H)
+        dtype = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
+        with torch.autocast(u.device.type, enabled=False):
+            k = self.conv_kernel(L, n)  # (H, L) or (H, n), fp32
+            # the D skip is the kernel's lag-0 tap: conv(u, k + D delta) = conv(u, k) + D u, without
+            # two more passes over (B, H, L) each way
+            k = torch.cat([k[:, :1] + self.D[:, None], k[:, 1:]], 1)
+            # (B, H, L): u enters as a transposed view; the FFT's zero padding makes it contiguous
+            y = fft_conv(u.transpose(1, 2), k, n)
+        y = F.gelu(y.to(dtype)).transpose(1, 2)  # (B, L, H)
         return self.output_linear(self.dropout(y))
 
     # --- recurrent mode ---------------------------------------------------------------------

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import vis4mer.model.fftconv as fcv
 import vis4mer.model.s4_kernels as sk
-from vis4mer.model.fftconv import fast_fft_length, fft_conv
+from vis4mer.model.fftconv import fast_fft_length, fft_conv, fft_conv_reference
 from vis4mer.model.hippo import legs_nplr, legs_transition, s4d_init
 from vis4mer.model.s4 import kernel_diag, kernel_nplr
 
@@ -152,6 +154,68 @@ def test_chunked_contraction_gradcheck(monkeypatch, real_cauchy):
         assert torch.autograd.gradcheck(lambda a, b, g=grid, k=kind: sk.chunked_contraction(a, b, g, k), (v, mu))
 
 
+def test_chunk_size_follows_the_device():
+    """One policy (`chunk_elements`): cache-sized chunks on CPU, many of them; a 1 GiB budget on an
+    accelerator, a few large ones. No GPU needed: the policy only reads the device type."""
+    assert sk.chunk_elements("cpu") == sk.CHUNK_ELEMENTS == 2**20  # 8 MiB of complex64
+    assert sk.chunk_elements(torch.device("cuda", 0)) * 8 == sk.ACCELERATOR_CHUNK_BYTES == 2**30
+    H, per_channel = 1024, 64 * 5910  # LVU's first stage: N = 64, G = L/2 frequencies
+
+    def chunks(device):
+        return math.ceil(H / sk.channels_per_chunk(H, per_channel, device))
+
+    assert chunks("cpu") == 512 and chunks("cuda") == 3
+    assert sk.channels_per_chunk(8, 10, "cuda") == 8  # never more than H channels
+    assert sk.channels_per_chunk(8, 2**30, "cpu") == 1  # never fewer than one
+
+
+@pytest.mark.parametrize("kind,real_cauchy", [("cauchy", True), ("cauchy", False), ("vandermonde", False)])
+def test_contraction_is_equal_across_chunk_sizes(monkeypatch, kind, real_cauchy):
+    """Values and gradients do not depend on the chunking: one channel per chunk, uneven chunks,
+    one chunk of all channels (explicit), and each device's default policy."""
+    monkeypatch.setattr(sk, "REAL_CAUCHY", real_cauchy)
+    H, M, N, G = 7, 3, 6, 29
+    v = torch.randn(H, M, N, dtype=torch.complex128, requires_grad=True)
+    mu = torch.complex(-torch.rand(H, N, dtype=torch.float64), torch.randn(H, N, dtype=torch.float64))
+    mu.requires_grad_()
+    grid = torch.randn(G, dtype=torch.float64) * 3 if kind == "cauchy" else torch.arange(G, dtype=torch.float64)
+    w = torch.randn(H, M, G, dtype=torch.complex128)
+
+    def run(**kw):
+        out = sk.chunked_contraction(v, mu, grid, kind, **kw)
+        return (out, *torch.autograd.grad((out * w).real.sum(), (v, mu)))
+
+    one = run(chunk=H)  # a single chunk
+    for kw in (dict(chunk=1), dict(chunk=3), dict(chunk=100), {}):
+        for a, b in zip(run(**kw), one):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for elements in (N * G, 2**30):  # default policy: 7 chunks, then 1
+        monkeypatch.setattr(sk, "chunk_elements", lambda device, e=elements: e)
+        for a, b in zip(run(), one):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,H,L,Lk,n", [(1, 1, 1, 1, None), (2, 3, 7, 7, None), (3, 2, 16, 5, None),
+                                        (1, 4, 50, 50, 128), (2, 5, 33, 72, 72), (4, 8, 300, 300, None)])
+def test_fft_conv_matches_its_plain_twin(dtype, B, H, L, Lk, n):
+    """The hand-written backward against autograd through the same FFTs, over many shapes: kernels
+    shorter than the signal, a longer FFT than needed, a kernel over all n taps (bidirectional)."""
+    u = torch.randn(B, H, L, dtype=dtype, requires_grad=True)
+    k = torch.randn(H, Lk, dtype=dtype, requires_grad=True)
+    w = torch.randn(B, H, L, dtype=dtype)
+    y, y_ref = fft_conv(u, k, n), fft_conv_reference(u, k, n)
+    grads = torch.autograd.grad((y * w).sum(), (u, k))
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), (u, k))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_ref, **tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **tol)
+    # a transposed (strided) input, as the S4 layer passes it
+    torch.testing.assert_close(fft_conv(u.detach().transpose(1, 2).contiguous().transpose(1, 2), k, n), y, **tol)
+
+
 @pytest.mark.parametrize("B,H,L", [(1, 1, 1), (2, 3, 7), (1, 4, 50)])
 def test_fft_conv_is_linear_convolution(B, H, L):
     u = torch.randn(B, H, L, dtype=torch.float64, requires_grad=True)
@@ -189,3 +253,79 @@ def test_kernel_nplr_gradient_matches_dense_autograd():
         g_dense = torch.autograd.grad((dense * w).sum(), params)
         for a, b in zip(g_fast, g_dense):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H,N,L,nc,per_channel_lambda", [
+    (1, 2, 1, 1, False), (2, 8, 2, 1, False), (3, 8, 15, 1, True), (3, 16, 16, 2, False),
+    (5, 16, 64, 1, True), (4, 64, 101, 2, True), (2, 64, 256, 1, False)])
+def test_fused_nplr_kernel_matches_its_plain_twin(monkeypatch, dtype, H, N, L, nc, per_channel_lambda):
+    """The fused op (contraction, Woodbury, 2/(1+w), irfft per chunk, hand-written backward) against
+    the same steps written out with autograd around the dense contraction: values and gradients,
+    odd and even lengths, one and two C~, one channel per chunk and all in one."""
+    Lam, P, B = legs_nplr(N)
+    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    lam = Lam + 0.05 * torch.randn(H, N // 2, dtype=torch.complex128) if per_channel_lambda else Lam
+    lam = torch.complex(-lam.real.abs(), lam.imag)
+    params = [log_uniform_dt(H), lam, B.expand(H, -1) + 0.1 * torch.randn(H, N // 2, dtype=torch.complex128),
+              P.expand(H, -1).clone(), torch.randn(nc, H, N // 2, dtype=torch.complex128),
+              P.expand(H, -1) + 0.1 * torch.randn(H, N // 2, dtype=torch.complex128)]
+    params = [p.to(dtype if i == 0 else cdtype).requires_grad_() for i, p in enumerate(params)]
+    w = torch.randn(nc, H, L, dtype=dtype)
+
+    def run(**kw):
+        K = kernel_nplr(*params, L, **kw)
+        return (K, *torch.autograd.grad((K * w).sum(), params))
+
+    ref = run(contraction=sk.contraction_reference)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    for elements in (1, 2**30):  # one channel per chunk; all in one
+        monkeypatch.setattr(sk, "CHUNK_ELEMENTS", elements)
+        got = run()
+        assert got[0].shape == (nc, H, L) and got[0].dtype == dtype
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, **tol)
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing (as FlopCounterMode or a dtype log do not)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_custom_ops_are_unchanged_under_a_dispatch_mode():
+    """Under a TorchDispatchMode PyTorch runs a custom op's kernel with the Conjugate and Negative
+    dispatch keys excluded, so a lazy `.conj()` inside it is silently dropped (the backward ops
+    were off by 100 % that way). Every op, forward and backward, gives the same with a mode active."""
+    torch.manual_seed(0)
+    H, M, N, G, L = 5, 4, 6, 7, 14
+    v = torch.randn(H, M, N, dtype=torch.cfloat)
+    mu = torch.complex(-torch.rand(H, N), torch.randn(H, N))
+    y = torch.randn(G)
+    K, r_rows = sk._nplr_kernel(v, mu, y, torch.randn(H, 1), L, 2)
+    u = torch.randn(2, 3, 32)
+    Kf = torch.fft.rfft(torch.randn(3, 32))
+    fwd_u, U = fcv._forward(u, Kf)
+    calls = {
+        "contraction": lambda: sk._contraction(v, mu, torch.complex(torch.zeros_like(y), y), "cauchy", 2),
+        "contraction_backward": lambda: sk._contraction_backward(
+            torch.randn(H, M, G, dtype=torch.cfloat, generator=torch.Generator().manual_seed(1)), v, mu,
+            torch.complex(torch.zeros_like(y), y), "cauchy", 2),
+        "cauchy_contraction": lambda: sk._cauchy(v, mu, y, 2),
+        "cauchy_contraction_backward": lambda: sk._cauchy_backward(
+            torch.randn(H, G, M, dtype=torch.cfloat, generator=torch.Generator().manual_seed(2)), v, mu, y, 2),
+        "nplr_kernel": lambda: sk._nplr_kernel(v, mu, y, torch.ones(H, 1), L, 2),
+        "nplr_kernel_backward": lambda: sk._nplr_kernel_backward(
+            torch.randn(K.shape, generator=torch.Generator().manual_seed(3)), v, mu, y, r_rows, L, 2),
+        "fft_conv_forward": lambda: fcv._forward(u, Kf),
+        "fft_conv_backward": lambda: fcv._backward(torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(4)),
+                                                   U, Kf),
+    }
+    for name, call in calls.items():
+        plain = call()
+        with _PassThrough():
+            moded = call()
+        as_tuple = lambda t: t if isinstance(t, tuple) else (t,)
+        for a, b in zip(as_tuple(plain), as_tuple(moded)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)

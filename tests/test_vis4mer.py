@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vis4mer.model import (
     SelfAttentionBaseline,
@@ -14,6 +15,7 @@ from vis4mer.model import (
     param_groups,
     variant_config,
 )
+from vis4mer.model.s4 import DiagKernel, NPLRKernel
 
 
 def expected_params(cfg: ViS4merConfig) -> int:
@@ -149,3 +151,78 @@ def test_model_package_imports_neither_ray_nor_mlflow():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'orchestrator', 'datasets')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class _DtypeLog(TorchDispatchMode):
+    """Records (op, input dtypes, output dtypes) for every op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[torch.dtype], list[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.calls.append((str(func.overloadpacket), [a.dtype for a in args if isinstance(a, torch.Tensor)],
+                           [o.dtype for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+    def ran(self, *ops: str) -> bool:
+        """Every one of `ops` ran at least once."""
+        return set(ops) <= {op for op, _, _ in self.calls}
+
+    def dtypes(self, *ops: str) -> set[torch.dtype]:
+        return {d for op, ins, outs in self.calls if op in ops for d in ins + outs}
+
+
+def test_bf16_autocast_keeps_the_kernel_and_the_fft_conv_in_fp32():
+    """Under bf16 autocast the S4 kernel and the FFT convolution run in fp32, the rest in bf16, and
+    forward+backward stays close to fp32 (vis4mer_tiny, CPU autocast).
+
+    Tolerances (relative, in norm): logits 2e-2 and every gradient but Lambda's and log_dt's 3e-2
+    (measured 3e-3 and at most 1.3e-2): bf16 keeps 8 significant bits, so each rounding is within
+    2^-9 = 2e-3, and a forward+backward chains a few dozen of them. Lambda's and log_dt's gradients
+    are left out: they are sums over all L taps with heavy cancellation (in fp32 already only
+    1e-4..3e-3 from float64), so the bf16 rounding of the gradient arriving from the output Linear
+    outweighs them, as minibatch noise does in training; they are only checked to be finite."""
+    cfg = variant_config("vis4mer_tiny", dropout=0.0)
+    torch.manual_seed(0)
+    model = ViS4mer(cfg).train()
+    x = torch.randn(2, cfg.l_max, cfg.d_input)
+    ref = model(x)
+    ref.square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    seen: dict[str, list[torch.dtype]] = {"kernel": [], "linear": []}
+    hooks = [m.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.dtype))
+             for key, cls in (("kernel", (NPLRKernel, DiagKernel)), ("linear", torch.nn.Linear))
+             for m in model.modules() if isinstance(m, cls)]
+    with _DtypeLog() as log:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+    for h in hooks:
+        h.remove()
+
+    assert set(seen["kernel"]) == {torch.float32} and len(seen["kernel"]) == cfg.n_layers
+    assert set(seen["linear"]) == {torch.bfloat16} and out.dtype == torch.bfloat16
+    # the kernel (the fused NPLR custom op, forward and backward) and the convolution (the kernel's
+    # rfft, then the two FFT custom ops) run whole under the log, their internals inside them: each
+    # must have run, on fp32 / complex64 operands only
+    kernel_ops = ("vis4mer.nplr_kernel", "vis4mer.nplr_kernel_backward")
+    conv_ops = ("aten._fft_r2c", "vis4mer.fft_conv_forward", "vis4mer.fft_conv_backward")
+    assert log.ran(*kernel_ops, *conv_ops)
+    assert log.dtypes(*kernel_ops) == {torch.float32, torch.complex64}
+    assert log.dtypes(*conv_ops, "aten._fft_c2r", "aten._fft_c2c") == {torch.float32, torch.complex64}
+    assert log.dtypes("aten.mm", "aten.addmm") == {torch.bfloat16}  # every Linear, forward and backward
+    assert log.dtypes("aten.gelu", "aten.gelu_backward") == {torch.bfloat16}
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert rel(out, ref) <= 2e-2
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        if not name.endswith(("Lambda", "log_dt")):
+            assert rel(p.grad, ref_grads[name]) <= 3e-2, (name, rel(p.grad, ref_grads[name]))

@@ -96,6 +96,9 @@ class TrainCfg:
     checkpoint_every: int = 1
     keep_last: int = 2
     bf16: bool = True  # autocast on GPU only
+    # torch.compile the training step's model: on a GPU the step is bound by memory traffic (norms,
+    # GELU, dropout, transposes) that compilation fuses; the first steps pay the compile time
+    compile: bool = False
     max_failures: int = 0
     fail_at_epoch: int | None = None  # fault injection for reliability tests: raise when this epoch starts
 

@@ -193,7 +193,12 @@ def train_loop_per_worker(config: dict) -> None:
     raw = ViS4mer(model_config(cfg.model, task))
     model = ray.train.torch.prepare_model(raw) if world > 1 or cfg.scaling.use_gpu else raw
     raw = model.module if hasattr(model, "module") else model
-    opt = torch.optim.AdamW(param_groups(raw, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.ssm_lr))
+    # Training steps go through the compiled model (DDP wrapped first, as PyTorch recommends);
+    # evaluation keeps the eager one: its batch sizes vary per video and would recompile.
+    step_model = torch.compile(model) if cfg.train.compile else model
+    # fused: one kernel for the whole parameter update on the GPU instead of a few per tensor
+    opt = torch.optim.AdamW(param_groups(raw, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.ssm_lr),
+                            fused=device.type == "cuda")
     sched = build_scheduler(opt, cfg, task)
     higher_is_better = metric_mode(task.metric) == "max"
 
@@ -235,7 +240,7 @@ def train_loop_per_worker(config: dict) -> None:
             # no gradient all-reduce on the micro-steps before the last one of an optimiser step
             sync = model.no_sync() if (not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
+                out = step_model(x)
                 loss = loss_fn(out, y, task)
                 (loss / cfg.optim.grad_accum).backward()
             if last_micro:
