@@ -236,9 +236,12 @@ def test_predict_from_raw_videos_runs_the_encoder_stage_then_the_model(swept, tm
     torch.manual_seed(0)
     model = ViS4mer(ViS4merConfig(d_input=64, l_max=task.seq_len, d_model=8, n_layers=1, d_state=8,
                                   num_classes=task.num_classes)).eval()
+    from mlflow.tracking import MlflowClient
+
+    # no mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to this whole test process
+    exp_id = MlflowClient(swept["uri"]).create_experiment("raw-videos")
     mlflow.set_tracking_uri(swept["uri"])
-    exp = mlflow.set_experiment("raw-videos")
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+    with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=[])
     out = tmp_path / "preds.parquet"
     base = ["predict", "--model", f"runs:/{run.info.run_id}/model", "--videos", str(videos), "--weights", weights,
