@@ -308,8 +308,7 @@ def write_v2_shards(folder: Path, task, n_videos: int, frames: tuple[int, int], 
     for i in range(n_videos):
         if writer is None:
             path, rows = folder / f"train-gpucheck-{len(shards):05d}.parquet", 0
-            writer = pq.ParquetWriter(path, schema, compression="none", use_dictionary=["video_id", "split"],
-                                      write_statistics=list(fmt.SMALL_COLUMNS))
+            writer = pq.ParquetWriter(path, schema, **fmt.shard_writer_options(2))
         f = int(rng.integers(frames[0], frames[1] + 1))
         x = np.roll(base, int(rng.integers(0, frames[1])), axis=0)[:f]
         vid, label = f"video-{i:05d}", int(rng.integers(0, task.num_classes))

@@ -81,6 +81,14 @@ def shard_schema(task: TaskSpec, version: int = FORMAT_VERSION) -> pa.Schema:
                       ("label", label), features])
 
 
+def shard_writer_options(version: int = FORMAT_VERSION) -> dict:
+    """pq.ParquetWriter options of a shard. Format 2: no dictionary or statistics for the raw features
+    (megabytes a value), statistics for the small columns (with one video a row group, the footer
+    alone indexes a shard); written with row_group_size=1."""
+    extra = dict(use_dictionary=["video_id", "split"], write_statistics=list(SMALL_COLUMNS)) if version == 2 else {}
+    return {"compression": "none", **extra}
+
+
 def _same_schema(got: pa.Schema, expected: pa.Schema) -> bool:
     """Types, and (format 2) the frame shape the features field says it holds."""
     if not got.equals(expected):
@@ -331,11 +339,8 @@ class DatasetWriter:
         }, schema=self.schema)
         if split not in self._open:
             buf = pa.BufferOutputStream()
-            # format 2: no dictionary or statistics for the raw features (megabytes a value), statistics for
-            # the small columns (with one video a row group, the footer alone indexes a shard)
-            extra = (dict(use_dictionary=["video_id", "split"], write_statistics=list(SMALL_COLUMNS))
-                     if self.format_version == 2 else {})
-            self._open[split] = (buf, pq.ParquetWriter(buf, self.schema, compression="none", **extra), 0)
+            writer = pq.ParquetWriter(buf, self.schema, **shard_writer_options(self.format_version))
+            self._open[split] = (buf, writer, 0)
         buf, writer, n = self._open[split]
         # format 2: one video a row group, so that a reader fetches one video's bytes and nothing else
         writer.write_table(table, row_group_size=1 if self.format_version == 2 else len(rows))
@@ -459,6 +464,12 @@ class FeatureDataset:
 
     def shards(self, split: str | None = None) -> list[dict]:
         return [s for s in self.manifest.shards if split is None or s["split"] == split]
+
+    def require_split(self, split: str, what: str) -> None:
+        """A DatasetError naming `what` (the option or key that asked for it) when there is no such split."""
+        if not self.shards(split):
+            have = sorted(self.manifest.split_rows())
+            raise DatasetError(f"{what}: {self.uri} has no {split!r} split (it has {have})")
 
     def shard_paths(self, split: str) -> list[str]:
         paths = [self.res.join(s["path"]) for s in self.shards(split)]

@@ -141,27 +141,37 @@ def dump_yaml(obj: Any, header: str = "") -> str:
     return (header if not header or header.endswith("\n") else header + "\n") + body
 
 
-def write_atomic(path: str | os.PathLike, text: str, what: str = "--out") -> None:
+def check_file_target(path: str | os.PathLike, what: str = "--out") -> list[Path]:
+    """A file that can be written: not a folder, not under a file, in a writable folder; a UserError
+    naming `what` otherwise. Returns the folders that writing it must make, outermost first."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{what} {path}: is a folder; expected a file name")
+    made = []  # the folders to make, deepest last
+    for parent in [target.parent, *target.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"{what} {path}: {parent} is not writable")
+            break
+        made.insert(0, parent)
+    return made
+
+
+def write_atomic(path: str | os.PathLike, text: str | bytes, what: str = "--out") -> None:
     """All or nothing: a temporary file beside the target, renamed over it once written; missing
     folders are made (and removed again if the write fails). A UserError naming `what` when the
     target cannot be written (a folder, under a file, read-only)."""
     target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{what} {path}: is a folder; expected a file name")
     folder = target.parent
-    made = []  # the folders made here, deepest last
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{what} {path}: {parent} is a file, not a folder")
-            break
-        made.insert(0, parent)
+    made = check_file_target(path, what)
     tmp = None
     try:
         for d in made:
             d.mkdir()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, target)
     except BaseException as e:

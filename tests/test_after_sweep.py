@@ -201,7 +201,7 @@ def test_predict_refuses_data_the_model_does_not_fit_and_writes_nothing(swept):
         assert_contract(r, argv)
         assert out.read_bytes() == b"the user's file", name
     assert files_under(swept["tmp"] / "runs") == before
-    assert not list(swept["tmp"].glob(".predictions.*"))
+    assert not list(swept["tmp"].glob(".kept.parquet.*"))  # no temporary file left beside it
 
 
 def test_evaluate_and_promote_refuse_unknown_trials_in_one_line(swept):

@@ -96,25 +96,32 @@ def print_ranking(tracking_uri: str, experiment: str | None, sweep: str | None, 
     if prices:
         for r in rows:
             r.spend["cost"] = cost(r.spend, prices)
-    if group_seeds(rows, grouped):
+    grouped = group_seeds(rows, grouped)
+    if grouped:
         groups = rank_configs(rows, mode)
         print(f"best configurations by mean {metric} over seeds ({mode}):")
         print(format_groups(metric, groups[:top]))
     else:
         print(f"best trials by {metric} ({mode}):")
         print(format_table(metric, rows[:top]))
-    return best_row(rows, mode, group_seeds(rows, grouped))
+    return best_row(rows, mode, grouped)
+
+
+def download_run_config(client, run_id: str, dst: str | None = None) -> str:
+    """The local path of a training run's resolved config (its `config.yaml` artifact); a ConfigError
+    when it has none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.download_artifacts(run_id, "config.yaml", dst)
+    except MlflowException:
+        raise ConfigError(f"run {run_id}: no config.yaml artifact (not a vis4mer training run)") from None
 
 
 def write_best_config(tracking_uri: str, row: TrialRow, out: str) -> str:
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    try:
-        text = MlflowClient(tracking_uri).download_artifacts(row.run_id, "config.yaml")
-    except MlflowException:
-        raise ConfigError(f"trial {row.trial_id} (run {row.run_id}): no config.yaml artifact") from None
-    with open(text) as f:
+    with open(download_run_config(MlflowClient(tracking_uri), row.run_id)) as f:
         body = f.read()
     lines = [ln for ln in body.splitlines() if not ln.strip().startswith("name:")]  # a fresh run name
     header = f"# vis4mer train {out}\n# best trial {row.trial_id} ({json.dumps(row.params, sort_keys=True)})\n"
@@ -184,12 +191,7 @@ def find_trial(tracking_uri: str, experiment: str | None, sweep: str | None = No
     parent_id = found.data.tags.get(Tag.PARENT)
     parent = client.get_run(parent_id) if parent_id else None
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(found.info.run_id, "config.yaml", tmp)
-        except Exception:  # noqa: BLE001 - an MLflow error, as one line
-            raise ConfigError(f"run {found.info.run_id}: no config.yaml artifact (not a vis4mer training run)"
-                              ) from None
-        cfg = load_config(path)
+        cfg = load_config(download_run_config(client, found.info.run_id, tmp))
     metric = metric or (parent.data.tags.get(Tag.METRIC) if parent else None) or \
         f"{cfg.data.eval_splits[0]}_{_task_metric(found)}"
     return Trial(found, parent, metric, cfg)

@@ -6,7 +6,6 @@ protocol, on Ray Data; the metrics go to the trial's MLflow run (and the best to
 from __future__ import annotations
 
 from vis4mer.orchestrator.sweep.best import Trial
-from vis4mer.orchestrator.train.config import ConfigError
 
 
 def evaluate_trial(trial: Trial, tracking_uri: str, split: str = "test", checkpoint: str = "best",
@@ -21,9 +20,7 @@ def evaluate_trial(trial: Trial, tracking_uri: str, split: str = "test", checkpo
 
     cfg = trial.cfg
     ds = open_dataset(cfg.data.uri, cfg.data.storage)
-    if not ds.shards(split):
-        raise ConfigError(f"--split {split}: {cfg.data.uri} has no {split!r} split (it has "
-                          f"{sorted(ds.manifest.split_rows())})")
+    ds.require_split(split, f"--split {split}")
     model = load_model(cfg, checkpoint, ds)  # before Ray: a missing checkpoint is one line
     init_ray(address, log_to_driver=False)
     result = split_metrics(predict_split(model, ds, split, batch_size=cfg.data.eval_batch_size), ds.task)

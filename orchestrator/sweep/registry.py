@@ -11,13 +11,13 @@ metrics; promoting the same trial's checkpoint again adds no version (it is foun
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vis4mer.orchestrator.files import check_file_target, write_atomic
 from vis4mer.orchestrator.sweep.best import Trial
 from vis4mer.orchestrator.train.config import ConfigError, check_name, config_yaml
 from vis4mer.orchestrator.train.tracking import Tag
@@ -129,16 +129,15 @@ def predict(model_uri: str, tracking_uri: str, data_uri: str | None, out: str, s
     from vis4mer.orchestrator.train.inference import predict_split
 
     target = filesystems(out, storage)
-    _check_writable(target, out)
+    if target.scheme == "file":
+        check_file_target(target.path)  # before any work
     model = load_registered(model_uri, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         if videos is not None:
             data_uri, split = _encode(videos, model, f"{tmp}/features", address), "train"
         ds = open_dataset(data_uri, storage)
         check_fits(model, ds.task, data_uri)  # before any work
-        if not ds.shards(split):
-            raise ConfigError(f"--split {split}: {data_uri} has no {split!r} split (it has "
-                              f"{sorted(ds.manifest.split_rows())})")
+        ds.require_split(split, f"--split {split}")
         init_ray(address, log_to_driver=False)
         table = predict_split(model, ds, split, batch_size=batch_size).select(list(PREDICTION_COLUMNS))
     _write_parquet(table, target, out)
@@ -163,42 +162,17 @@ def _encode(videos: dict, model, folder: str, address: str | None) -> str:
     return folder
 
 
-def _check_writable(target, out: str) -> None:
-    """A local --out must be a file name in a folder that is (or can be) one: checked before any work."""
-    if target.scheme != "file":
-        return
-    if os.path.isdir(target.path):
-        raise ConfigError(f"--out {out}: is a folder; expected a file name")
-    parent = os.path.dirname(os.path.abspath(target.path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out}: {parent} is not writable")
-
-
 def _write_parquet(table: pa.Table, target, out: str) -> None:
     """All or nothing: the file is written in one step (a rename locally, one PUT on an object store)."""
     from vis4mer.datasets.storage import StorageError, describe_error
 
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    data = buf.getvalue()
+    if target.scheme == "file":
+        write_atomic(target.path, buf.getvalue())
+        return
     try:
-        if target.scheme == "file":
-            folder = os.path.dirname(target.path) or "."
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".predictions.", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, target.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        else:
-            with target.pa.open_output_stream(target.path) as f:
-                f.write(data)
+        with target.pa.open_output_stream(target.path) as f:
+            f.write(buf.getvalue())
     except OSError as e:
         raise StorageError(describe_error(out, e)) from None

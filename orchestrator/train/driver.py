@@ -51,9 +51,7 @@ def prepare(cfg: Config, ds: FeatureDataset | None = None) -> FeatureDataset:
         check_tracking_uri(tracking_uri(cfg))
     ds = ds or open_dataset(cfg.data.uri, cfg.data.storage)
     for split in ["train", *cfg.data.eval_splits]:
-        if not ds.shards(split):
-            raise ConfigError(f"data.eval_splits: {cfg.data.uri} has no {split!r} split "
-                              f"(it has {sorted(ds.manifest.split_rows())})")
+        ds.require_split(split, "data.eval_splits")
     try:
         model_config(cfg.model, ds.task).validate(prefix="model.")
     except ValueError as e:
