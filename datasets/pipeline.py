@@ -14,18 +14,22 @@ Worker side:
 Examples are cut on the consumer, so that their randomness depends on (seed, epoch, video) only.
 A training window is a view of its video's frames, copied once, into the batch (float16, in pinned
 memory for a GPU: the copy to the device is asynchronous and the cast to the compute dtype happens
-there). Evaluation windows (61 of 24 MB for a 2-minute LVU video) are cut on the device from the
-one video tensor. `drop_last=True` and Ray Train's equal split give every rank the same number of
-training batches (uneven ranks would hang DDP's all-reduce).
+there; on a CPU in reused host memory, `HostBatches`). Evaluation windows (61 of 24 MB for a
+2-minute LVU video) are cut on the device from the one video tensor. `drop_last=True` and Ray
+Train's equal split give every rank the same number of training batches (uneven ranks would hang
+DDP's all-reduce).
 
 Host memory of a training worker, at most: 2 batches (the one training and the one being
-collated: 2 x batch x window_frames x tokens x dim x 2 bytes) plus the videos in flight (the block
-being cut and the next one Ray Data prefetches: 2 x rows per block x frames x tokens x dim x 2
-bytes).
+collated: 2 x batch x window_frames x tokens x dim x 2 bytes) plus the videos in flight: format 2,
+the READ_THREADS videos being read (from a local or cached shard, views of its memory map: page
+cache); format 1, the block being cut and the next one Ray Data prefetches (2 x rows per block x
+frames x tokens x dim x 2 bytes).
 """
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -150,6 +154,41 @@ def as_tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x)
 
 
+class HostBatches:
+    """Host memory for training batches, reused once nothing refers to it.
+
+    glibc hands every block above 32 MB (an LVU batch of 4 is 94 MB) back to the kernel when it is
+    freed, so a batch allocated anew is fresh pages that the kernel zeroes on first touch: collating
+    LVU-shaped batches that way runs at 1.6 GB/s here, into reused memory at 8.5 GB/s
+    (benchmarks/ingest.py measures the whole path). A buffer is handed out again only when the pool
+    holds the only reference to it (a tensor or any view over it keeps it out), so a consumer that
+    keeps its batches gets new ones. Pinned batches (GPU) need none of this: PyTorch's caching host
+    allocator reuses them."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._pool: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        # the count of a buffer only the pool refers to, read the way `take` reads it (what
+        # getrefcount counts of its own argument differs between Python versions)
+        probe = [np.empty(0)]
+        self._free_refs = sys.getrefcount(probe[0])
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float16 tensor of `shape`, the caller's alone."""
+        with self._lock:
+            for i in range(len(self._pool)):
+                if self._pool[i].shape == shape and sys.getrefcount(self._pool[i]) == self._free_refs:
+                    return torch.from_numpy(self._pool[i])
+            self._pool.append(np.empty(shape, np.float16))
+            if len(self._pool) > self.keep:  # forget the oldest (it lives on while a batch uses it)
+                self._pool.pop(0)
+            return torch.from_numpy(self._pool[-1])
+
+
+HOST_BATCHES = HostBatches()  # one per process, as PyTorch's host allocator
+
+
 class TrainCollate(ArrowBatchCollateFn):
     """Arrow batch of videos (or of index rows, read with `reader`) -> {"x": (B, L, D) float16, "y":
     (B,)}: one random window per video, copied once from its video's frames into the batch (pinned
@@ -167,7 +206,9 @@ class TrainCollate(ArrowBatchCollateFn):
 
             self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
         ids, feats, labels = _videos(batch, t, self.reader, self._pool)
-        x = torch.empty((len(ids), t.seq_len, t.feature_dim), dtype=torch.float16, pin_memory=self.pin_memory)
+        shape = (len(ids), t.seq_len, t.feature_dim)
+        x = (torch.empty(shape, dtype=torch.float16, pin_memory=True) if self.pin_memory
+             else HOST_BATCHES.take(shape))
         rows = x.numpy()
         for i, (vid, video) in enumerate(zip(ids, feats)):
             np.copyto(rows[i], train_example(video, t, example_rng(self.seed, self.epoch, vid)))

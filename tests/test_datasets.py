@@ -436,6 +436,41 @@ def test_windows_match_the_reference_sampling(tmp_path, frames):
             assert np.array_equal(cut, np.stack(list(eval_examples(x, task))))
 
 
+def test_host_batches_are_reused_only_when_nothing_refers_to_them():
+    from vis4mer.datasets.pipeline import HostBatches
+
+    pool, shape = HostBatches(keep=2), (2, 3, 4)
+    a, b = pool.take(shape), pool.take(shape)
+    assert a.shape == b.shape == shape and a.dtype == torch.float16 and a.data_ptr() != b.data_ptr()
+    a_ptr, view = a.data_ptr(), a[1]
+    del a
+    c = pool.take(shape)  # a's memory is still in use through the view; b's through b
+    assert c.data_ptr() not in (a_ptr, b.data_ptr())
+    c_ptr = c.data_ptr()
+    del c
+    assert pool.take(shape).data_ptr() == c_ptr  # nothing refers to c's memory: handed out again
+    del view
+    assert pool.take((5, 1)).shape == (5, 1) and len(pool._pool) == 2  # at most `keep`: the oldest forgotten
+
+
+def test_collated_batches_a_consumer_keeps_stay_as_they_were(tmp_path):
+    """Batches come from reused memory: one still held when the next is collated is left alone."""
+    from vis4mer.datasets.pipeline import TrainCollate
+
+    task = get_task("lvu_genre", tokens_per_frame=3, feature_dim=8, window_frames=6)
+    videos = make_videos(12, 3, 8, seed=4, frames=(6, 10))
+    table = pa.table({"video_id": list(videos), "label": [y for _, y in videos.values()],
+                      "num_frames": pa.array([x.shape[0] for x, _ in videos.values()], pa.int32()),
+                      "features": features_to_binary([x for x, _ in videos.values()])})
+    collate = TrainCollate(task, seed=1, epoch=2)
+    kept = [collate(table.slice(i, 3)) for i in range(0, 12, 3)]
+    for i, b in enumerate(kept):
+        ids = list(videos)[3 * i : 3 * i + 3]
+        expected = np.stack([train_example(videos[v][0], task, example_rng(1, 2, v)) for v in ids])
+        assert b["video_id"] == ids and np.array_equal(b["x"].numpy(), expected)
+    assert len({b["x"].data_ptr() for b in kept}) == 4
+
+
 def _bad_value(tmp_path, how: str) -> str:
     task = get_task("synthetic_order", tokens_per_frame=3, feature_dim=8, window_frames=6, num_classes=3)
     x = np.zeros((6, 3, 8), np.float16)
@@ -477,6 +512,61 @@ def test_bad_binary_values_are_one_line(tmp_path, how):
     r = run_main(["data", "verify", str(tmp_path / "d")], tmp_path)
     assert r.code == 2 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert expected in r.err, r.err
+
+
+def _pyarrow_videos(ds, split: str) -> dict[str, np.ndarray]:
+    """Every video of a split, read the plain way: pyarrow's table, numpy over the bytes."""
+    out = {}
+    for s in ds.shards(split):
+        with ds.res.pa.open_input_file(ds.res.join(s["path"])) as f:
+            t = pq.read_table(f)
+        for vid, n, value in zip(t["video_id"].to_pylist(), t["num_frames"].to_pylist(), t["features"].to_pylist()):
+            out[vid] = np.frombuffer(value, "<f2").reshape(n, ds.task.tokens_per_frame, ds.task.feature_dim)
+    return out
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "s3-cache"])
+@pytest.mark.parametrize("tokens,dim,frames", [(1, 1, (1, 3)), (3, 8, (5, 12)), (7, 5, (1, 40)),
+                                               (197, 16, (2, 9)), (2, 1024, (60, 70))])
+def test_the_direct_read_is_pyarrows_read(tmp_path, s3_server, s3_bucket, where, tokens, dim, frames):
+    """The reader's fast path (a video's bytes taken straight from the file, datasets/reader.py) is
+    what pyarrow reads, for every writer layout's shape, from a memory map and from range requests;
+    and it is the path taken for the writer's shards."""
+    from vis4mer.datasets.cache import ShardCache
+    from vis4mer.datasets.reader import ShardReader, _direct_read, video_index
+
+    videos = make_videos(7, tokens, dim, seed=tokens * dim, frames=frames)
+    task = get_task("synthetic_order", tokens_per_frame=tokens, feature_dim=dim, window_frames=1, num_classes=3)
+    uri, opts = (str(tmp_path / "d"), None) if where == "local" else (f"s3://{s3_bucket[0]}/d", s3(s3_server))
+    write(uri, videos, opts, task=task, shard_bytes=3 * 2 * tokens * dim * frames[1],  # a few shards
+          row_group_bytes=2 * tokens * dim * frames[1])
+    ds = open_dataset(uri, opts)
+    reader = ShardReader(ds, ShardCache(str(tmp_path / "cache"), 2**30) if where == "s3-cache" else None)
+    expected = _pyarrow_videos(ds, "train")
+    rows = video_index(ds, "train").to_pylist()
+    assert len(rows) == 7 and any(r["row_group"] > 0 for r in rows)  # videos after the first in a file
+    for r in rows:
+        x = reader.video(r["shard"], r["row_group"], r["row"], r["video_id"], r["num_frames"])
+        assert x.dtype == np.float16 and np.array_equal(x.view(np.uint16), expected[r["video_id"]].view(np.uint16))
+        f, footer, mapped = reader._source(r["shard"])
+        assert _direct_read(f, footer, mapped, r["row_group"], r["row"], x.nbytes) is not None
+        assert (mapped is not None) == (where != "s3")
+
+
+@pytest.mark.parametrize("how", ["truncated", "wrong-length"])
+def test_the_reader_names_a_value_of_the_wrong_length(tmp_path, how):
+    """Whatever the layout, a value that does not hold the index's frames is the error naming it."""
+    from vis4mer.datasets.reader import ShardReader, video_index
+
+    expected = _bad_value(tmp_path, how)
+    ds = open_dataset(str(tmp_path))
+    reader = ShardReader(ds)
+    rows = {r["video_id"]: r for r in video_index(ds, "train").to_pylist()}
+    r = rows["short-video"]
+    with pytest.raises(DatasetError, match=expected):
+        reader.video(r["shard"], r["row_group"], r["row"], "short-video", 6)
+    r = rows["v1"]
+    assert reader.video(r["shard"], r["row_group"], r["row"], "v1", r["num_frames"]).shape == (6, 3, 8)
 
 
 # --- the node-local shard cache ------------------------------------------------------------------
