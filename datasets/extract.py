@@ -44,7 +44,7 @@ from vis4mer.datasets.encoders import (
 )
 from vis4mer.datasets.errors import UserError
 from vis4mer.datasets.format import MANIFEST, SPLITS, DatasetError, DatasetWriter, Manifest, check_label, open_dataset
-from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems
+from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems, read_text
 from vis4mer.datasets.tasks import TaskSpec, get_task
 from vis4mer.datasets.video import Sampling, VideoFile, list_videos
 
@@ -102,17 +102,8 @@ class ExtractResult:
 
 def read_labels(uri: str, task: TaskSpec, storage: StorageOptions | None) -> dict[str, tuple]:
     res = filesystems(uri, storage)
-    try:
-        with res.fs.open(res.path, "r", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's) is not content
-            text = f.read()
-    except FileNotFoundError:
-        raise DatasetError(f"{res.uri()}: label file not found") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{res.uri()}: is a folder: expected a CSV file video_id,label[,split]") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"{res.uri()}: not a text file (expected a UTF-8 CSV video_id,label[,split])") from None
-    except Exception as e:
-        raise StorageError(describe_error(res.uri(), e)) from None
+    text = read_text(res.path, "label file (CSV: video_id,label[,split])", fs=res.fs, where=res.uri(),
+                     error=DatasetError)
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as e:

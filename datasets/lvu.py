@@ -19,7 +19,7 @@ import numpy as np
 
 from vis4mer.datasets.errors import UserError
 from vis4mer.datasets.format import DatasetError, DatasetWriter, Manifest
-from vis4mer.datasets.storage import StorageOptions, filesystems
+from vis4mer.datasets.storage import StorageOptions, filesystems, read_text
 from vis4mer.datasets.tasks import LIKE_RATIO_SHIFT, LVU_TASKS, VIEW_COUNT_SHIFT, get_task
 
 YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -86,15 +86,7 @@ def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
         for split in ("train", "val", "test"):
             path = labels.join(task, f"{split}.csv")
             where = labels.uri(task, f"{split}.csv")
-            try:
-                with labels.fs.open(path, "r", encoding="utf-8-sig") as f:  # a byte-order mark is not content
-                    text = f.read()
-            except FileNotFoundError:
-                raise DatasetError(f"{where}: label file not found") from None
-            except IsADirectoryError:
-                raise DatasetError(f"{where}: is a folder: expected a label file") from None
-            except UnicodeDecodeError:
-                raise DatasetError(f"{where}: not a text file (expected UTF-8 label lines)") from None
+            text = read_text(path, "label file", fs=labels.fs, where=where, error=DatasetError)
             rows = parse_labels(text, task, where=where)
             for row in rows:
                 npy = feats.join(f"{row.youtube_id}.npy")

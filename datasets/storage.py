@@ -166,6 +166,33 @@ def safe_relative(path: str, what: str, error: type[Exception] = StorageError) -
     return path
 
 
+def read_text(path: str | os.PathLike, what: str = "file", *, fs=None, where: str | None = None,
+              error: type[Exception] = StorageError) -> str:
+    """A text file's contents: a local path, or `path` on the fsspec filesystem `fs`. One `error` naming
+    `where` (default: the path) when it is missing, a folder or not UTF-8 text, or (`fs`) when the
+    storage fails; `what` says what it should be ("label file"). A byte-order mark (Excel, Notepad)
+    is not content."""
+    where = str(path) if where is None else where
+    try:
+        if fs is None:
+            with open(path, encoding="utf-8-sig") as f:
+                return f.read()
+        with fs.open(path, "r", encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise error(f"{where}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{where}: is a folder; expected a {what}") from None
+    except UnicodeDecodeError:
+        raise error(f"{where}: not a text file (expected a UTF-8 {what})") from None
+    except OSError as e:
+        raise error(f"{where}: cannot read ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # an object store's own errors (botocore, gcsfs): credentials, bucket, network
+        if fs is None:
+            raise
+        raise StorageError(describe_error(where, e)) from None
+
+
 def check_local_target(path: str, uri: str) -> None:
     """A local folder that can be written as a dataset: not a file, not under a file."""
     p = os.path.abspath(path)

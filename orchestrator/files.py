@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.storage import read_text
 
 # The checkout vis4mer runs from, holding sweeps/ and deploy/ (an editable install or the image's
 # WORKDIR, as the Dockerfile builds it): the folder above orchestrator/.
@@ -95,21 +96,6 @@ def parse_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where}: not valid YAML ({_reason(e)})") from None
     except RecursionError:
         raise UserError(f"{where}: not valid YAML (nested too deeply)") from None
-
-
-def read_text(path: str | os.PathLike, what: str = "file") -> str:
-    """A text file's contents; a UserError naming it when it is missing, a folder or not text."""
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not content
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder; expected a {what}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file (expected a UTF-8 {what})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
 def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:

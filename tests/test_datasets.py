@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -9,8 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support.runs import VIS4MER
+from vis4mer.datasets.errors import UserError
 from vis4mer.datasets.format import (
     DatasetError,
     DatasetWriter,
@@ -19,7 +23,7 @@ from vis4mer.datasets.format import (
     shard_schema,
     verify,
 )
-from vis4mer.datasets.storage import StorageError, StorageOptions, filesystems
+from vis4mer.datasets.storage import StorageError, StorageOptions, filesystems, read_text
 from vis4mer.datasets.tasks import get_task
 from vis4mer.datasets.windows import (
     VideoAggregator,
@@ -653,3 +657,36 @@ def test_a_second_epoch_through_the_disk_cache_reads_no_object_store_bytes(s3_se
         assert per_epoch[0][1] >= len(ds.manifest.shards) and per_epoch[1][1] == 0, per_epoch
     finally:
         proxy.close()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(st.binary(max_size=40), st.booleans())
+def test_read_text_returns_the_text_or_names_the_file(tmp_path_factory, data, on_fsspec):
+    """Any bytes: the file's UTF-8 text without a leading byte-order mark (newlines as Python's text
+    mode reads them), or one UserError naming the file; the same through fsspec's local filesystem as
+    through a plain path."""
+    import fsspec
+
+    path = tmp_path_factory.mktemp("text") / "labels.csv"
+    path.write_bytes(data)
+    fs = fsspec.filesystem("file") if on_fsspec else None
+    try:
+        expected = data.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(UserError, match=f"^{re.escape(str(path))}: not a text file") as e:
+            read_text(str(path), "label file", fs=fs)
+        assert "\n" not in str(e.value)
+        return
+    universal = expected.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")  # text mode's newlines
+    assert read_text(str(path), "label file", fs=fs) == universal
+
+
+@pytest.mark.parametrize("on_fsspec", [False, True])
+def test_read_text_names_a_missing_file_and_a_folder(tmp_path, on_fsspec):
+    import fsspec
+
+    fs = fsspec.filesystem("file") if on_fsspec else None
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'no.csv'))}: no such label file$"):
+        read_text(str(tmp_path / "no.csv"), "label file", fs=fs)
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))}: is a folder; expected a label file$"):
+        read_text(str(tmp_path), "label file", fs=fs)
