@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vis4mer.datasets.errors import UserError
+from vis4mer.datasets.strict_json import parse_json
 
 EXTRACTORS = ("vit", "swin")
 PREPROCESSING = ("released", "model")
@@ -390,30 +391,67 @@ def _torchvision_swin(c: SwinConfig) -> nn.Module | None:
 
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+_SAFETENSORS_ITEMSIZE = {"BF16": 2, **{k: np.dtype(v).itemsize for k, v in _SAFETENSORS_DTYPES.items()}}
 
 
 def _read_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     """The safetensors layout (8-byte little-endian header length, JSON header, raw tensors),
-    read without the safetensors package."""
+    read without the safetensors package. The header is checked before any tensor is made: an
+    object of name -> {dtype (one this reader knows), shape (a list of integers >= 0), data_offsets
+    ([begin, end] inside the data, end - begin = the shape's size x the dtype's)}; anything else is
+    one EncoderError naming the file and the tensor."""
+    if len(data) < 8:
+        raise EncoderError(f"{where}: not a safetensors file ({len(data)} bytes: expected an 8-byte header length)")
     n = int.from_bytes(data[:8], "little")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError:
-        raise EncoderError(f"{where}: not a safetensors file (unreadable header)") from None
+    if n > len(data) - 8:
+        raise EncoderError(f"{where}: not a safetensors file (header of {n} bytes in a file of {len(data)})")
+    header = parse_json(data[8 : 8 + n], f"{where}: safetensors header", EncoderError)
+    if not isinstance(header, dict):
+        raise EncoderError(f"{where}: safetensors header: expected an object of tensors, got {type(header).__name__}")
     base, out = 8 + n, {}
+    size = len(data) - base
     for name, meta in header.items():
         if name == "__metadata__":
+            if not isinstance(meta, dict):
+                raise EncoderError(f"{where}: __metadata__: expected an object, got {type(meta).__name__}")
             continue
-        start, end = meta["data_offsets"]
+        dtype, shape, (start, end) = _tensor_header(meta, size, f"{where}: tensor {name!r:.120}")
         raw = data[base + start : base + end]
-        if meta["dtype"] == "BF16":
-            t = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float()
-        elif meta["dtype"] in _SAFETENSORS_DTYPES:
-            t = torch.from_numpy(np.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[meta["dtype"]]).copy())
+        if dtype == "BF16":
+            t = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float() if raw else torch.zeros(0)
         else:
-            raise EncoderError(f"{where}: tensor {name}: dtype {meta['dtype']} not supported")
-        out[name] = t.reshape(meta["shape"])
+            t = torch.from_numpy(np.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[dtype]).copy())
+        out[name] = t.reshape(shape)
     return out
+
+
+def _tensor_header(meta, size: int, where: str) -> tuple[str, list[int], list[int]]:
+    """One tensor's entry of a safetensors header, checked: (dtype, shape, [begin, end])."""
+    if not isinstance(meta, dict):
+        raise EncoderError(f"{where}: expected an object with dtype, shape and data_offsets, got "
+                           f"{type(meta).__name__}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in meta:
+            raise EncoderError(f"{where}: {key}: required field missing")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_ITEMSIZE:
+        raise EncoderError(f"{where}: dtype {dtype!r:.40} not supported: expected one of "
+                           f"{', '.join(_SAFETENSORS_ITEMSIZE)}")
+
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+    if not ints(shape) or math.prod(max(d, 1) for d in shape) >= 2**62:  # (strides of an empty tensor too)
+        raise EncoderError(f"{where}: shape {shape!r:.80}: expected a list of integers >= 0 (fewer than 2^62 "
+                           "elements)")
+    if not ints(offsets) or len(offsets) != 2 or not offsets[0] <= offsets[1] <= size:
+        raise EncoderError(f"{where}: data_offsets {offsets!r:.80}: expected [begin, end] with 0 <= begin <= end "
+                           f"<= {size} (the bytes after the header)")
+    nbytes = _SAFETENSORS_ITEMSIZE[dtype] * math.prod(shape)
+    if offsets[1] - offsets[0] != nbytes:
+        raise EncoderError(f"{where}: {offsets[1] - offsets[0]} bytes of data: expected {nbytes} for {dtype} of "
+                           f"shape {tuple(shape)}")
+    return dtype, shape, offsets
 
 
 def load_state_dict(data: bytes, name: str) -> dict[str, torch.Tensor]:

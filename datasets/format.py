@@ -34,6 +34,7 @@ Every path a manifest lists is relative to the dataset's prefix, normalised and 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -54,14 +55,17 @@ from vis4mer.datasets.storage import (
     describe_error,
     filesystems,
     safe_relative,
+    storage_failure,
 )
-from vis4mer.datasets.tasks import TaskSpec
+from vis4mer.datasets.strict_json import parse_json
+from vis4mer.datasets.tasks import INT32_MAX, TaskSpec
 
 FORMAT_VERSION = 2  # what writers write
 READABLE_VERSIONS = (1, 2)  # what readers read (1: nested lists of halffloat)
 MANIFEST = "manifest.json"
 SMALL_COLUMNS = ("video_id", "split", "num_frames", "label")
 SPLITS = ("train", "val", "test")
+MAX_VIDEO_BYTES = INT32_MAX  # one video is one parquet binary value, whose length is an int32
 
 
 class DatasetError(UserError):
@@ -95,6 +99,30 @@ def _same_schema(got: pa.Schema, expected: pa.Schema) -> bool:
         return False
     meta = expected.field("features").metadata
     return not meta or (got.field("features").metadata or {}).get(FRAME_SHAPE) == meta[FRAME_SHAPE]
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def as_float16(x: np.ndarray, where: str) -> np.ndarray:
+    """Features of any real numeric dtype (integers, floats) as float16, the one cast every writer goes
+    through. Anything else (strings, complex numbers, booleans, records, objects, dates) is refused
+    by its dtype, before a cast that would fail or silently drop a part; values that float16 cannot
+    hold (NaN, inf, |x| > 65504) after the cast. Both are a DatasetError naming `where`."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "iuf":
+        what = f"dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise DatasetError(f"{where}: {what}: expected real numbers (an integer or float dtype)")
+    if x.dtype == np.float16:
+        out = x
+    else:
+        with np.errstate(all="ignore"):  # out-of-range values become inf, refused below (no warnings)
+            out = x.astype(np.float16)
+    if not np.isfinite(out).all():
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise DatasetError(f"{where}: features contain NaN or inf")
+        raise DatasetError(f"{where}: features contain values beyond float16's range: expected |x| <= "
+                           f"{FLOAT16_MAX:g}")
+    return out
 
 
 def features_to_binary(videos: list[np.ndarray]) -> pa.Array:
@@ -190,12 +218,7 @@ class Manifest:
     def from_json(cls, text: str, where: str) -> Manifest:
         """Parses and checks a manifest: every field present with its type (a mismatch names the field
         and shows both types), every shard path safe, every split known, no shard listed twice."""
-        try:
-            d = json.loads(text)
-        except RecursionError:
-            raise DatasetError(f"{where}: not a valid vis4mer manifest (nested too deeply)") from None
-        except ValueError as e:
-            raise DatasetError(f"{where}: not valid JSON ({e})") from None
+        d = parse_json(text, where, DatasetError)
         if not isinstance(d, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(d).__name__}")
         version = _field(d, "format_version", int, where)
@@ -212,7 +235,10 @@ class Manifest:
             raise DatasetError(f"{where}: dtype {d['dtype']!r}: expected 'float16'")
         extractor = _field(d, "extractor", dict, where)
         shards, seen = [], {}
-        for i, s in enumerate(_field(d, "shards", list, where)):
+        listed = _field(d, "shards", list, where)
+        if not listed:  # what the writer refuses to write ("no videos were added")
+            raise DatasetError(f"{where}: shards: empty list: expected at least one shard (a dataset holds videos)")
+        for i, s in enumerate(listed):
             at = f"{where}: shards[{i}]"
             if not isinstance(s, dict):
                 raise DatasetError(f"{at}: expected an object, got {type(s).__name__}")
@@ -314,8 +340,10 @@ class DatasetWriter:
         if features.ndim != 3 or features.shape[1:] != (t.tokens_per_frame, t.feature_dim) or features.shape[0] < 1:
             raise DatasetError(f"video {video_id}: features of shape {features.shape}: expected "
                                f"(frames >= 1, {t.tokens_per_frame}, {t.feature_dim})")
-        if not np.isfinite(features).all():
-            raise DatasetError(f"video {video_id}: features contain NaN or inf")
+        if features.size * 2 > MAX_VIDEO_BYTES:
+            raise DatasetError(f"video {video_id}: {features.size * 2} bytes of float16 features: expected at most "
+                               f"{MAX_VIDEO_BYTES} (one parquet value)")
+        features = as_float16(features, f"video {video_id}")
         label = check_label(label, t, f"video {video_id}")
         self._ids.add(video_id)
         self._pending.setdefault(split, []).append((video_id, features, label))
@@ -356,10 +384,10 @@ class DatasetWriter:
         self._counter[split] = index + 1
         name = f"{split}-{self._write_id}-{index:05d}.parquet"
         path = self.res.join(name)
-        if self.res.scheme == "file" and not self._made_dir and not self.res.fs.exists(self.res.path):
-            self.res.pa.create_dir(self.res.path, recursive=True)
-            self._made_dir = True
         try:
+            if self.res.scheme == "file" and not self._made_dir and not self.res.fs.exists(self.res.path):
+                self.res.pa.create_dir(self.res.path, recursive=True)
+                self._made_dir = True
             with self.res.pa.open_output_stream(path) as f:
                 self.written.append(path)
                 f.write(data)
@@ -434,6 +462,13 @@ def publish_manifest(res: Resolved, text: str) -> None:
 
 
 def check_label(label, task: TaskSpec, where: str):
+    """A label as the task needs it (an int class id in range, or a finite float); a DatasetError naming
+    `where` for anything else, a missing (null) label included."""
+    if not isinstance(label, (int, float, np.integer, np.floating)) or isinstance(label, (bool, np.bool_)):
+        expected = (f"a class id in [0, {task.num_classes})" if task.type == "classification"
+                    else "a finite regression target")
+        got = "null (missing)" if label is None else f"{type(label).__name__} {label!r:.40}"
+        raise DatasetError(f"{where}: label {got}: expected {expected}")
     if task.type == "classification":
         if isinstance(label, (float, np.floating)) and not float(label).is_integer():
             raise DatasetError(f"{where}: label {label}: expected a class id in [0, {task.num_classes})")
@@ -527,6 +562,29 @@ def open_dataset(uri: str, storage: StorageOptions | None = None, check_schema: 
     return ds
 
 
+def read_parquet(read, where: str):
+    """read(): a pyarrow parquet read of a shard (a file, a footer, a row group). What pyarrow raises
+    on bytes that are not what their footer says (a damaged page, a bad thrift header, a wrong
+    length: OSError or an ArrowException) is the data's fault: a DatasetError naming `where`."""
+    try:
+        return read()
+    except (OSError, pa.ArrowException) as e:
+        failed = storage_failure(where, e)
+        if failed:
+            raise StorageError(failed) from None  # the storage failed (network, credentials), not the data
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DatasetError(f"{where}: not readable parquet data ({reason}): expected a shard as vis4mer "
+                           "writes it") from None
+
+
+def check_no_nulls(table: pa.Table, where: str) -> None:
+    """Every value present: a shard's schema allows nulls, a vis4mer shard never has one."""
+    for column in table.column_names:
+        nulls = table.column(column).null_count
+        if nulls:
+            raise DatasetError(f"{where}: column {column}: {nulls} null value(s): expected a value in every row")
+
+
 def verify(uri: str, storage: StorageOptions | None = None) -> dict:
     """Full check: hashes, then every value (finite features, labels in range, frame counts)."""
     ds = open_dataset(uri, storage)
@@ -539,9 +597,10 @@ def verify(uri: str, storage: StorageOptions | None = None) -> dict:
         digest = hashlib.sha256(data).hexdigest()
         if digest != s["sha256"]:
             raise DatasetError(f"shard {name}: sha256 {digest[:12]}..: expected {s['sha256'][:12]}.. (manifest)")
-        pf = pq.ParquetFile(pa.BufferReader(data))
+        pf = read_parquet(functools.partial(pq.ParquetFile, pa.BufferReader(data)), f"shard {name}")
         for i in range(pf.num_row_groups):
-            tbl = pf.read_row_group(i)
+            tbl = read_parquet(functools.partial(pf.read_row_group, i), f"shard {name}, row group {i}")
+            check_no_nulls(tbl, f"shard {name}, row group {i}")
             try:
                 feats = video_features(tbl.column("features"), t.tokens_per_frame, t.feature_dim,
                                        tbl.column("num_frames"), tbl.column("video_id"))

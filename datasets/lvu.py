@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vis4mer.datasets.errors import UserError
-from vis4mer.datasets.format import DatasetError, DatasetWriter, Manifest
+from vis4mer.datasets.format import DatasetError, DatasetWriter, Manifest, as_float16
 from vis4mer.datasets.storage import StorageOptions, filesystems, read_text
 from vis4mer.datasets.tasks import LIKE_RATIO_SHIFT, LVU_TASKS, VIEW_COUNT_SHIFT, get_task
 
@@ -100,9 +100,9 @@ def import_lvu(task: str, labels_dir: str, features_uri: str, out_uri: str,
                     raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: not a readable .npy "
                                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'empty'})"
                                        ) from None
+                where = feats.uri(f"{row.youtube_id}.npy")
                 if x.ndim != 3 or x.shape[1:] != (197, 1024):
-                    raise DatasetError(f"{feats.uri(f'{row.youtube_id}.npy')}: shape {x.shape}: "
-                                       "expected (frames, 197, 1024)")
-                w.add(row.youtube_id, x.astype(np.float16), row.label, split)
+                    raise DatasetError(f"{where}: shape {x.shape}: expected (frames, 197, 1024)")
+                w.add(row.youtube_id, as_float16(x, where), row.label, split)
                 report.written[split] = report.written.get(split, 0) + 1
     return w.manifest, report

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vis4mer.datasets.format import DatasetError, FeatureDataset, video_features
+from vis4mer.datasets.format import DatasetError, FeatureDataset, read_parquet, video_features
 
 OPEN_FILES = 8  # parquet files a reader keeps open (footers parsed once)
 INDEX_COLUMNS = ("video_id", "label", "num_frames")
@@ -46,8 +46,8 @@ def video_index(ds: FeatureDataset, split: str) -> pa.Table:
             with ds.res.pa.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 rows = _from_statistics(pf.metadata) or _from_columns(pf)
-        except DatasetError:
-            raise
+        except DatasetError as e:
+            raise DatasetError(f"shard {ds.res.uri(s['path'])}, {e}") from None
         except Exception as e:
             raise DatasetError(f"shard {ds.res.uri(s['path'])}: cannot read its index "
                                f"({str(e).splitlines()[0][:200]})") from None
@@ -83,6 +83,10 @@ def _from_columns(pf: pq.ParquetFile) -> list[tuple]:
     out = []
     for g in range(pf.num_row_groups):
         t = pf.read_row_group(g, columns=list(INDEX_COLUMNS))
+        for c in INDEX_COLUMNS:  # a shard's schema allows nulls; a vis4mer shard has none
+            if t[c].null_count:
+                raise DatasetError(f"row group {g}: column {c}: {t[c].null_count} null value(s): "
+                                   "expected a value in every row")
         out += [(*(t[c][r].as_py() for c in INDEX_COLUMNS), g, r) for r in range(t.num_rows)]
     return out
 
@@ -104,6 +108,9 @@ class ShardReader:
     def __setstate__(self, state):
         self.__dict__.update(state, _open=OrderedDict(), _lock=threading.Lock())
 
+    def _uri(self, path: str) -> str:
+        return path if self.res.scheme == "file" else f"{self.res.scheme}://{path}"
+
     def _source(self, path: str) -> tuple:
         """(the shard's file: a memory map, or an object-store file read with range requests; its parsed
         footer; the memory map's whole-file buffer, or None). Files are shared by threads (their reads
@@ -123,7 +130,7 @@ class ShardReader:
         else:
             f = self.res.pa.open_input_file(path)
         mapped = f.read_buffer() if isinstance(f, pa.MemoryMappedFile) else None  # zero-copy, at position 0
-        entry = (f, pq.ParquetFile(f).metadata, mapped)
+        entry = (f, read_parquet(lambda: pq.ParquetFile(f).metadata, f"shard {self._uri(path)}"), mapped)
         with self._lock:
             self._open[path] = entry
             if len(self._open) > OPEN_FILES:
@@ -138,9 +145,13 @@ class ShardReader:
         if direct is not None:
             return np.frombuffer(direct, "<f2").reshape(num_frames, t.tokens_per_frame, t.feature_dim)
         remote = mapped is None  # one coalesced range request for the video
-        table = pq.ParquetFile(f, metadata=footer, pre_buffer=remote).read_row_group(row_group, columns=["features"])
+        table = read_parquet(lambda: pq.ParquetFile(f, metadata=footer, pre_buffer=remote).read_row_group(
+            row_group, columns=["features"]), f"shard {self._uri(shard)}, video {video_id}")
         column = table.column("features").slice(row, 1)
-        return video_features(column, t.tokens_per_frame, t.feature_dim, [num_frames], [video_id])[0]
+        try:
+            return video_features(column, t.tokens_per_frame, t.feature_dim, [num_frames], [video_id])[0]
+        except DatasetError as e:
+            raise DatasetError(f"shard {self._uri(shard)}, {e}") from None
 
 
 def value_span(footer, row_group: int, row: int, nbytes: int) -> int | None:

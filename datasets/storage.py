@@ -11,6 +11,7 @@ through the default provider chain.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections.abc import Callable
@@ -194,17 +195,37 @@ def read_text(path: str | os.PathLike, what: str = "file", *, fs=None, where: st
 
 
 def check_local_target(path: str, uri: str) -> None:
-    """A local folder that can be written as a dataset: not a file, not under a file."""
+    """A local folder that can be written as a dataset: a folder (or a symlink to one), or nothing yet
+    under a folder; never a file, a dangling symlink, a symlink loop or anything else that is there
+    but not a folder (os.path.lexists: an entry counts whether or not its target exists)."""
     p = os.path.abspath(path)
-    if os.path.isfile(p):
-        raise StorageError(f"{uri}: is a file: expected a folder (or a path that does not exist yet)")
+    if os.path.lexists(p) and not os.path.isdir(p):
+        raise StorageError(f"{uri}: {_not_a_folder(p)}: expected a folder (or a path that does not exist yet)")
     parent = os.path.dirname(p)
-    while parent and not os.path.exists(parent):
+    while parent and not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
-        raise StorageError(f"{uri}: {parent} is a file, not a folder")
+        raise StorageError(f"{uri}: {parent} {_not_a_folder(parent)}: expected a folder there")
     if parent and not os.access(parent if not os.path.exists(p) else p, os.W_OK):
         raise StorageError(f"{uri}: not writable (permission denied on {parent if not os.path.exists(p) else p})")
+
+
+def _not_a_folder(p: str) -> str:
+    """What the existing entry `p`, which is not a folder, is."""
+    if os.path.islink(p):
+        try:
+            target = os.readlink(p)
+        except OSError:
+            target = "?"
+        if os.path.exists(p):
+            return f"is a symlink to {target!r:.200}, which is not a folder"
+        try:
+            os.stat(p)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "is a symlink loop"
+        return f"is a dangling symlink (to {target!r:.200}, which does not exist)"
+    return "is a file" if os.path.isfile(p) else "is not a folder (a device, pipe or socket)"
 
 
 def _fsspec(protocol: str):
@@ -219,8 +240,9 @@ def _s3fs(kwargs: dict):
     return s3fs.S3FileSystem(**kwargs)
 
 
-def describe_error(uri: str, e: BaseException) -> str:
-    """A one-line reason for a storage failure (credentials, bucket, network), naming the URI."""
+def storage_failure(uri: str, e: BaseException) -> str | None:
+    """A one-line reason, naming the URI, when `e` says the storage failed (credentials, bucket, a
+    missing object, the network); None when it says something else (the data, for one)."""
     text = str(e)
     low = text.lower().replace("_", "")  # pyarrow says ACCESS_DENIED, botocore AccessDenied
     if "accessdenied" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "forbidden" in low:
@@ -232,4 +254,10 @@ def describe_error(uri: str, e: BaseException) -> str:
         return f"{uri}: not found"
     if "could not connect" in low or "connection refused" in low or "timed out" in low or "curl" in low:
         return f"{uri}: cannot reach the storage endpoint ({text.splitlines()[0][:200]})"
-    return f"{uri}: {text.splitlines()[0][:300] if text else type(e).__name__}"
+    return None
+
+
+def describe_error(uri: str, e: BaseException) -> str:
+    """A one-line reason for a storage failure (credentials, bucket, network), naming the URI."""
+    text = str(e)
+    return storage_failure(uri, e) or f"{uri}: {text.splitlines()[0][:300] if text else type(e).__name__}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from vis4mer.datasets.errors import UserError
-from vis4mer.datasets.format import DatasetWriter, Manifest
+from vis4mer.datasets.format import MAX_VIDEO_BYTES, DatasetWriter, Manifest
 from vis4mer.datasets.storage import StorageOptions
 from vis4mer.datasets.tasks import get_task
 
@@ -78,6 +78,9 @@ def write_synthetic(uri: str, task: str = "synthetic_order", videos: tuple[int, 
     if not 1 <= min_frames <= frames:
         raise UserError(f"min_frames={min_frames}: expected 1 <= min_frames <= frames={frames}")
     spec = get_task(task, tokens_per_frame=tokens, feature_dim=dim, window_frames=frames, eval_stride=frames)
+    if frames * tokens * dim * 2 > MAX_VIDEO_BYTES:  # before generating them
+        raise UserError(f"frames x tokens x dim = {frames} x {tokens} x {dim}: {frames * tokens * dim * 2} bytes a "
+                        f"video in float16; expected at most {MAX_VIDEO_BYTES} (one parquet value)")
     rng = np.random.default_rng(seed)
     extractor = {"name": "synthetic", "task": task, "seed": seed, "preprocessing": "none",
                  "frames": [min_frames, frames], "tokens_per_frame": tokens, "feature_dim": dim}

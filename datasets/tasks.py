@@ -61,17 +61,45 @@ class TaskSpec:
         return task
 
     def validate(self) -> None:
+        """Every field within what vis4mer can run (a field out of range, or a metric or aggregation it
+        does not compute, is a UserError naming the field and what was expected)."""
         if self.type not in ("classification", "regression"):
             raise UserError(f"task {self.name}: type {self.type!r}: expected classification or regression")
-        if self.type == "classification" and self.num_classes < 2:
-            raise UserError(f"task {self.name}: num_classes {self.num_classes}: expected >= 2")
+        if self.type == "classification" and not 2 <= self.num_classes <= MAX_CLASSES:
+            raise UserError(f"task {self.name}: num_classes {self.num_classes}: expected 2 <= num_classes <= "
+                            f"{MAX_CLASSES}")
+        if self.type == "regression" and self.num_classes != 1:
+            raise UserError(f"task {self.name}: num_classes {self.num_classes}: expected 1 for a regression task")
+        # the metric is computed from the type (accuracy, or mean squared error) and named by this field;
+        # another name would report one under the other's name, and rank runs the wrong way (metric_mode)
+        for f, supported in (("metric", METRICS), ("aggregate", AGGREGATES)):
+            if getattr(self, f) != supported[self.type]:
+                raise UserError(f"task {self.name}: {f} {getattr(self, f)!r:.60}: expected {supported[self.type]!r} "
+                                f"for a {self.type} task")
         if self.train_sampling not in ("random_window", "random_segments"):
-            raise UserError(f"task {self.name}: train_sampling {self.train_sampling!r}")
+            raise UserError(f"task {self.name}: train_sampling {self.train_sampling!r:.60}: expected random_window "
+                            "or random_segments")
         if self.eval_sampling not in ("sliding", "even_segments"):
-            raise UserError(f"task {self.name}: eval_sampling {self.eval_sampling!r}")
+            raise UserError(f"task {self.name}: eval_sampling {self.eval_sampling!r:.60}: expected sliding or "
+                            "even_segments")
         for f in ("tokens_per_frame", "window_frames", "eval_stride", "feature_dim"):
-            if getattr(self, f) < 1:
-                raise UserError(f"task {self.name}: {f}={getattr(self, f)}: expected >= 1")
+            if not 1 <= getattr(self, f) <= INT32_MAX:
+                raise UserError(f"task {self.name}: {f}={getattr(self, f)}: expected 1 <= {f} <= {INT32_MAX}")
+        for what, value in (("window_frames x tokens_per_frame (the sequence length)", self.seq_len),
+                            ("tokens_per_frame x feature_dim (the values of a frame)",
+                             self.tokens_per_frame * self.feature_dim)):
+            if value > INT32_MAX:
+                raise UserError(f"task {self.name}: {what} = {value}: expected <= {INT32_MAX}")
+
+
+# Limits of a task's fields. Frame counts are int32 in a shard (num_frames), and so is every size
+# here: a longer window, or a larger frame, than any shard can hold is a mistake, not a task.
+# INT32_MAX is vis4mer's one bound on counts and sizes (parquet values, Kubernetes and the cluster
+# launcher's counts, CLI options).
+INT32_MAX = 2**31 - 1
+MAX_CLASSES = 100_000  # LVU's largest task has 10 classes, COIN 180
+METRICS = {"classification": "top1", "regression": "mse"}  # what windows.VideoAggregator.metric computes
+AGGREGATES = {"classification": "sum_softmax", "regression": "mean"}  # VideoAggregator's per-video aggregation
 
 
 def _lvu(name: str, kind: str, classes: int, transform: str | None = None) -> TaskSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML that refuses what would make a file mean something else than it reads: a key given
-    twice (the last one would silently win), and documents nested deeper than MAX_YAML_DEPTH or
-    that expand past MAX_YAML_NODES values (aliases of aliases: a 1-KB file can stand for billions,
-    and every reader that walks it would take that long)."""
+    twice (the last one would silently win), and documents nested deeper than MAX_YAML_DEPTH, that
+    expand past MAX_YAML_NODES values (aliases of aliases: a 1-KB file can stand for billions, and
+    every reader that walks it would take that long) or that contain themselves."""
 
     def compose_document(self):
         node = super().compose_document()
@@ -65,10 +66,15 @@ class _Loader(yaml.SafeLoader):
 
 
 def _expanded_size(node, memo: dict) -> int:
-    """Values in `node` with every alias expanded, counted in time linear in the file (memoised)."""
+    """Values in `node` with every alias expanded, counted in time linear in the file (memoised). A
+    node that contains itself (`a: &a [*a]`) is refused: it has no finite value, and every reader
+    that walks it would recurse without end."""
     if id(node) in memo:
+        if memo[id(node)] is None:
+            raise yaml.composer.ComposerError(None, None, "an alias inside the value it names (a cycle)",
+                                              node.start_mark)
         return memo[id(node)]
-    memo[id(node)] = 1  # a node that contains itself counts once
+    memo[id(node)] = None  # being counted
     if isinstance(node, yaml.SequenceNode):
         n = 1 + sum(_expanded_size(c, memo) for c in node.value)
     elif isinstance(node, yaml.MappingNode):
@@ -121,10 +127,27 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-def dump_yaml(obj: Any, header: str = "") -> str:
+# what YAML or a terminal takes as a line break or refuses: all but YAML's printable characters (tab too)
+_CONTROL = re.compile("[^\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks, other control characters and what YAML cannot hold escaped (a file
+    name, a value, a command line the user gave), so that it stays one line in an error message or a
+    comment."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def comment_lines(lines: Sequence[str]) -> str:
+    """YAML comment lines, one per entry, each kept to one line (`one_line`): no value can end the
+    comment and add YAML."""
+    return "".join(f"# {one_line(ln)}\n" for ln in lines)
+
+
+def dump_yaml(obj: Any, header: Sequence[str] = ()) -> str:
     """YAML in the objects' own key order, no anchors, lines unwrapped; `header` (comment lines) first."""
     body = yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=10_000)
-    return (header if not header or header.endswith("\n") else header + "\n") + body
+    return comment_lines(header) + body
 
 
 def check_file_target(path: str | os.PathLike, what: str = "--out") -> list[Path]:
@@ -145,6 +168,13 @@ def check_file_target(path: str | os.PathLike, what: str = "--out") -> list[Path
     return made
 
 
+def _new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: str | os.PathLike, text: str | bytes, what: str = "--out") -> None:
     """All or nothing: a temporary file beside the target, renamed over it once written; missing
     folders are made (and removed again if the write fails). A UserError naming `what` when the
@@ -157,6 +187,7 @@ def write_atomic(path: str | os.PathLike, text: str | bytes, what: str = "--out"
         for d in made:
             d.mkdir()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+        os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would hide a config from its other readers
         with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, target)

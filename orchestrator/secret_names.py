@@ -10,6 +10,7 @@ import re
 SECRET_WORDS = ("secret", "password", "passwd", "token", "accesskey", "credential", "apikey", "privatekey")
 _USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
 MIN_SECRET_LEN = 4  # shorter values would mask ordinary words
+MIN_CUT_LEN = 8  # a secret's beginning this long or longer is masked too: error lines cut long values short
 
 
 def names_secret(name: str) -> bool:
@@ -20,9 +21,15 @@ def names_secret(name: str) -> bool:
 
 def redact(text: str) -> str:
     """`text` with every user name and password of a URI, and the value of every environment variable
-    whose name names a secret, replaced by ***: the last filter before an error line is printed."""
+    whose name names a secret (or its first MIN_CUT_LEN or more characters), replaced by ***: the last
+    filter before an error line is printed."""
     text = _USERINFO.sub(r"\1***@", text)
     for name, value in os.environ.items():
-        if len(value) >= MIN_SECRET_LEN and names_secret(name) and value in text:
-            text = text.replace(value, "***")
+        if len(value) < MIN_SECRET_LEN or not names_secret(name):
+            continue
+        # the whole value, else its longest beginning still there (a value cut short: `{v!r:.80}`)
+        for cut in [value, *(value[:k] for k in range(len(value) - 1, MIN_CUT_LEN - 1, -1))]:
+            if cut in text:
+                text = text.replace(cut, "***")
+                break
     return text

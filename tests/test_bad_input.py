@@ -269,7 +269,109 @@ MECHANISMS = [
 ]
 
 
-@pytest.mark.parametrize("case", MECHANISMS, ids=[c[0] for c in MECHANISMS])
+
+def _store_with_only_experiments(where: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(where / "m.db") as db:
+        db.execute("CREATE TABLE experiments (x)")
+    return f"sqlite:///{where}/m.db"
+
+
+def _store_of_another_schema(where: Path) -> str:
+    import sqlite3
+
+    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.utils import _get_latest_schema_revision  # noqa: F401 - fills Base.metadata
+
+    with sqlite3.connect(where / "m.db") as db:
+        for table in Base.metadata.tables:
+            db.execute(f'CREATE TABLE "{table}" (x)')
+        db.execute("CREATE TABLE alembic_version (version_num)")
+        db.execute("INSERT INTO alembic_version VALUES ('0123456789ab')")
+    return f"sqlite:///{where}/m.db"
+
+
+# --- the third round: mechanisms a later hostile-input probe found (docs/reliability.md, 16-27; 28-33 in
+# tests/test_bad_input_data.py) ---
+MECHANISMS_3 = [
+    # 16. a line break in a file name or value the user gave stays escaped in the one error line
+    ("m16-newline-in-config-name", lambda t, g: ["train", str(t / "bad\nname.yaml")], "bad\\nname.yaml"),
+    ("m16-newline-in-sweep-name", lambda t, g: ["sweep", str(t / "s\r\n.yaml")], "no such sweep file"),
+    # 18. any OSError on a config path is one line (not a folder, a name too long, a link loop)
+    ("m18-config-under-a-file", lambda t, g: ["train", _file(t, "f", "x: 1") + "/c.yaml"], "cannot read"),
+    ("m18-config-name-too-long", lambda t, g: ["train", str(t / ("a" * 300 + ".yaml"))], "cannot read"),
+    ("m18-config-link-loop", lambda t, g: ["train", str((t / "loop").symlink_to(t / "loop") or t / "loop")],
+     "cannot read"),
+    # 19. tracking stores are checked as MLflow will open them: drivers, credentials, ports
+    ("m19-store-driver-missing", lambda t, g: ["best", "--tracking-uri", "mssql://db.example/mlflow"],
+     "needs the database driver"),
+    ("m19-databricks-no-credentials", lambda t, g: ["report", "demo", "--tracking-uri", "databricks://nobody"],
+     "no Databricks credentials"),
+    ("m19-port-out-of-range", lambda t, g: ["best", "--tracking-uri", "http://127.0.0.1:99999"], "not a valid URI"),
+    ("m19-train-store-driver", lambda t, g: ["train", SYNTH, f"data.uri={g}", "tracking.tracking_uri=mysql://h/d"],
+     "needs the database driver"),
+    # 20. readers never change a store: MLflow would create missing tables or migrate another schema
+    ("m20-sqlite-with-only-experiments", lambda t, g: ["best", "--tracking-uri", _store_with_only_experiments(t)],
+     "not an MLflow store"),
+    ("m20-store-of-another-schema", lambda t, g: ["report", "demo", "--tracking-uri", _store_of_another_schema(t)],
+     "mlflow db upgrade"),
+    # 21. aliases inside the value they name are refused by the one loader (every walker recursed)
+    ("m21-cyclic-config", lambda t, g: ["train", _file(t, "c.yaml", "a: &a [*a]\n")], "a cycle"),
+    ("m21-cyclic-k8s", lambda t, g: ["k8s", "validate", _file(t, "j.yaml", "kind: &k {a: *k}\n")], "a cycle"),
+    # 22. integer options are bounded (numpy's seed range, int32 counts)
+    ("m22-negative-seed", lambda t, g: ["data", "synth", str(t / "o"), "--seed", "-1"], "--seed"),
+    ("m22-huge-count", lambda t, g: ["data", "synth", str(t / "o"), "--frames", str(10**20)], "--frames"),
+    # 23. the job API's address: a dashboard URL, at once (Ray would wait 40 s for a GCS there)
+    ("m23-address-without-scheme", lambda t, g: ["jobs", "list", "--address", "127.0.0.1:1"], "--address http://"),
+    ("m23-ray-client-address", lambda t, g: ["jobs", "list", "--address", "ray://127.0.0.1:1"], "expected the Ray"),
+    # 24. the demo checks its config before it writes its data
+    ("m24-demo-bad-store", lambda t, g: ["demo", "--data", str(t / "d"), "tracking.tracking_uri=ftp://x"],
+     "tracking URI"),
+    ("m24-demo-batch-too-large", lambda t, g: ["demo", "--data", str(t / "d"), "data.batch_size=4096"],
+     "data.batch_size=4096"),
+    # 25. ASHA's and the budget's integers before Ray: positive, not bools, grace within max_t
+    ("m25-asha-reduction-factor", lambda t, g: ["sweep", _sweep(t, scheduler={"kind": "asha", "reduction_factor": 1})],
+     "scheduler.reduction_factor=1"),
+    ("m25-asha-grace-beyond-max-t", lambda t, g: ["sweep", _sweep(t, scheduler={"kind": "asha", "grace_period": 9,
+                                                                                 "max_t": 3})], "grace_period=9"),
+    ("m25-budget-bool", lambda t, g: ["sweep", _sweep(t, budget={"num_samples": True})], "num_samples=True"),
+    # 26. where runs and stores are written is checked before Ray
+    ("m26-storage-path-under-a-file", lambda t, g: ["train", SYNTH, f"data.uri={g}",
+                                                    "run.storage_path=" + _file(t, "f", "x") + "/runs"], "is a file"),
+    # 27. Kubernetes' own patterns (Go: `$` ends the text) and int32 counts in cluster configs
+    ("m27-quantity-with-newline", lambda t, g: ["k8s", "validate", _rendered_with(t, "memory: 64Gi",
+                                                                                   'memory: "64Gi\\n"')],
+     "Kubernetes quantity"),
+    ("m27-cloud-workers-beyond-int32", lambda t, g: ["cloud", "validate", _cloud_with(t, "max_workers: 2",
+                                                                                       f"max_workers: {10**22}")],
+     "max_workers="),
+]
+
+
+def _rendered_with(where: Path, old: str, new: str) -> str:
+    from tests.support.cli import run_main
+
+    out = where.parent / "job.yaml"
+    assert run_main([*K8S, "--out", str(out)], ROOT).code == 0
+    (where / "j.yaml").write_text(out.read_text().replace(old, new, 1))
+    out.unlink()
+    return str(where / "j.yaml")
+
+
+def _cloud_with(where: Path, old: str, new: str) -> str:
+    from tests.support.cli import run_main
+
+    out = where.parent / "c.yaml"
+    assert run_main(["cloud", "render", "--provider", "aws", "--out", str(out)], ROOT).code == 0
+    text = out.read_text()
+    assert old in text
+    (where / "c.yaml").write_text(text.replace(old, new, 1))
+    out.unlink()
+    return str(where / "c.yaml")
+
+
+@pytest.mark.parametrize("case", MECHANISMS + MECHANISMS_3, ids=[c[0] for c in MECHANISMS + MECHANISMS_3])
 def test_each_mechanism_keeps_the_contract(case, tmp_path, good_dataset, monkeypatch):
     """Would have broken the contract before the second round (a traceback, a secret in the output,
     a file replaced, a value accepted); each case is one mechanism's representative."""

@@ -108,7 +108,9 @@ YAML_BOMBS = ["a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [
               "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
               "f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n",
               "[" * 5000 + "]" * 5000, "a: 1\na: 2\n", "\x89PNG\r\n\x1a\n\x00\x00", "name: x\n  bad indent: [",
-              "- just\n- a list\n", "", "key: \udc80"[:-1]]
+              "- just\n- a list\n", "", "key: \udc80"[:-1],
+              "a: &a [*a]\n", "a: &a {b: *a}\n", "search_space: &s {optim.lr: {grid: [*s]}}\nname: x\n",
+              "metadata: &m {annotations: {a: *m}}\nkind: RayJob\n"]
 
 
 @PROFILE
@@ -341,7 +343,8 @@ def test_cloud_render(flags, provider):
 
 
 @PROFILE
-@given(st.sampled_from(["text", "folder", "empty", "sqlite-no-tables", "missing", "http-down", "with-creds", "junk"]),
+@given(st.sampled_from(["text", "folder", "empty", "sqlite-no-tables", "experiments-only", "missing", "http-down",
+                        "with-creds", "junk", "no-driver", "databricks", "bad-port", "long-name"]),
        st.one_of(st.sampled_from(["demo", "x'y", "..", "a\n", "a b", "${oc.env:" + SECRET_VAR + "}"]), text),
        st.sampled_from(["best", "report"]))
 def test_readers_never_create_or_hang(store, sweep, command):
@@ -356,10 +359,13 @@ def test_readers_never_create_or_hang(store, sweep, command):
             db.mkdir()
         elif store == "empty":
             db.write_bytes(b"")
-        elif store == "sqlite-no-tables":
-            sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
+        elif store in ("sqlite-no-tables", "experiments-only"):
+            table = "t" if store == "sqlite-no-tables" else "experiments"
+            sqlite3.connect(db).execute(f"CREATE TABLE {table} (x)").connection.commit()
         uri = {"http-down": "http://127.0.0.1:1", "with-creds": f"http://user:{SECRET}@127.0.0.1:1",
-               "junk": "ftp://x"}.get(store, f"sqlite:///{db}")
+               "junk": "ftp://x", "no-driver": "postgresql://127.0.0.1:1/mlflow", "databricks": "databricks://x",
+               "bad-port": "http://127.0.0.1:99999", "long-name": f"sqlite:///{cwd}/{'a' * 300}.db",
+               }.get(store, f"sqlite:///{db}")
         argv = ["best", "--sweep", sweep, "--tracking-uri", uri, "--out", str(cwd / "b.yaml")] if command == "best" \
             else ["report", sweep, "--tracking-uri", uri, "--out", str(cwd / "plots")]
         _run(argv, cwd, expect_failure=True)
@@ -389,3 +395,79 @@ def test_numeric_options(flag, value):
         # `demo --model-only` with a bad number fails at parsing, before any training
         r = _run(["demo", "--model-only", f"{flag}={value}", "--epochs=0"], Path(tmp), expect_failure=True)
         assert "--epochs" in r.err or flag in r.err
+
+
+# text with the characters that end a line somewhere (YAML, a terminal, Unicode)
+LINE_BREAKING = st.text(st.one_of(_chars, st.sampled_from("\n\r\x0b\x0c\x1c\x85\u2028\u2029\t\x1b")), min_size=1,
+                        max_size=20)
+
+
+@PROFILE
+@given(st.sampled_from(["train", "sweep", "k8s validate", "cloud validate", "data verify", "data inspect"]),
+       LINE_BREAKING)
+def test_a_file_name_that_breaks_lines_stays_in_one_error_line(command, name):
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        name = name.replace("/", "_")
+        if name in (".", ".."):
+            name = "x" + name
+        _run([*command.split(), str(cwd / "absent" / name)], cwd, expect_failure=True)
+
+
+@PROFILE
+@given(st.lists(LINE_BREAKING, max_size=4), st.dictionaries(st.text(_chars, max_size=5), st.text(_chars, max_size=5),
+                                                            max_size=3))
+def test_written_comments_cannot_add_yaml(header, body):
+    """Whatever a header line holds (a file name, a command line), the written YAML means the object."""
+    from vis4mer.orchestrator.files import dump_yaml
+
+    text = dump_yaml(body, header)
+    lines = text.split("\n")
+    assert all(line.startswith("# ") for line in lines[:len(header)])
+    assert yaml.safe_load(text) == body
+
+
+def test_a_rendered_file_named_with_line_breaks_is_valid_and_readable(tmp_path):
+    from tests.support.cli import run_main
+
+    for argv in ([*_K8S, "--out"], ["cloud", "render", "--provider", "aws", "--out"]):
+        out = tmp_path / "x\nkind: Pod\nmax_workers: 999\n.yaml"
+        r = run_main([*argv, str(out)], ROOT)
+        assert r.code == 0, r.err
+        assert "kind: Pod" not in out.read_text().split("\n")
+        assert run_main([argv[0], "validate", str(out)], ROOT).code == 0
+        umask = os.umask(0)
+        os.umask(umask)
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as `open(path, "w")` makes it, not mkstemp's 0600
+        out.unlink()
+
+
+_K8S = ["k8s", "render", str(ROOT / "sweeps" / "lvu_genre.yaml"), "data.uri=s3://b/d", "run.storage_path=s3://b/r",
+        "--mlflow-uri", "http://mlflow:5000", "--image", "localhost:5000/vis4mer:0.1.0", "--workers", "1",
+        "--gpus-per-worker", "1"]
+
+
+@PROFILE
+@given(st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=8, max_size=40), st.data())
+def test_a_secret_cut_short_is_still_masked(secret, data):
+    """Error lines show at most so many characters of a value: what is left of a secret is masked."""
+    from vis4mer.orchestrator.secret_names import MIN_CUT_LEN, redact
+
+    cut = data.draw(st.integers(MIN_CUT_LEN, len(secret)))
+    before, after = data.draw(st.text(_chars, max_size=10)), data.draw(st.text(_chars, max_size=10))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOME_API_TOKEN", secret)
+        shown = redact(f"{before}{secret[:cut]}{after}")
+    assert secret[:cut] not in shown
+
+
+@PROFILE
+@given(st.sampled_from([["data", "synth", "OUT", "--videos", "2", "1", "1", "--frames", "2", "--tokens", "1", "--dim",
+                         "1", "--seed"],
+                        [*_K8S[:-4], "--gpus-per-worker", "1", "--workers"],
+                        ["cloud", "render", "--provider", "aws", "--out", "OUT", "--workers"]]),
+       st.one_of(st.integers(-2**70, 2**70), st.sampled_from([-1, 0, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63])))
+def test_integer_options_are_bounded(argv, value):
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        _run([a.replace("OUT", str(cwd / "o")) for a in argv] + [str(value)], cwd)

@@ -58,7 +58,7 @@ def test_an_override_of_a_searched_key_fixes_it():
     (lambda d: d.update(search_space={"optim.lr": {"gaussian": [0, 1]}}), "search_space.optim.lr: expected one of"),
     (lambda d: d.update(search_space={"optim.lr": {"loguniform": [0, 1]}}), "loguniform: expected low > 0"),
     (lambda d: d.update(scheduler={"kind": "pbt"}), "scheduler.kind 'pbt': expected asha or fifo"),
-    (lambda d: d.update(budget={"num_samples": 0}), r"budget.num_samples=0: expected an integer >= 1"),
+    (lambda d: d.update(budget={"num_samples": 0}), r"budget.num_samples=0: expected an integer from 1 to"),
     (lambda d: d.update(search_space={"model": {"choice": [{"n_layers": 2, "pool": [2]}]}}),
      "trial with model.n_layers=2 model.pool=\\[2\\].*model.pool has 1 entries but model.n_layers=2"),
     (lambda d: d.update(colour="blue"), "unknown key 'colour'"),

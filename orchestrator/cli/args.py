@@ -5,6 +5,8 @@ import argparse
 import math
 
 from vis4mer.datasets.storage import StorageOptions
+from vis4mer.datasets.tasks import INT32_MAX
+from vis4mer.orchestrator.files import one_line
 from vis4mer.orchestrator.secret_names import redact
 
 
@@ -12,24 +14,27 @@ class Parser(argparse.ArgumentParser):
     """argparse's own errors as one line and exit code 2 (usage is in --help), secrets redacted."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(redact(message))}\n")
 
 
-def _int_at_least(minimum: int, what: str):
+
+
+def int_between(minimum: int, maximum: int, what: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is {what}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
         return value
 
     return parse
 
 
-positive_int = _int_at_least(1, "not a positive integer")
-non_negative_int = _int_at_least(0, "negative")
+positive_int = int_between(1, INT32_MAX, f"a positive integer (at most {INT32_MAX})")
+non_negative_int = int_between(0, INT32_MAX, f"a non-negative integer (at most {INT32_MAX})")
+seed_int = int_between(0, 2**32 - 1, "a seed from 0 to 2**32 - 1")  # numpy's range
 
 
 def _finite_float(ok, what: str):

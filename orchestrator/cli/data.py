@@ -1,7 +1,14 @@
 """`vis4mer data ...`: write, import, check and inspect feature datasets."""
 from __future__ import annotations
 
-from vis4mer.orchestrator.cli.args import Parser, add_storage_args, positive_float, positive_int, storage_from_args
+from vis4mer.orchestrator.cli.args import (
+    Parser,
+    add_storage_args,
+    positive_float,
+    positive_int,
+    seed_int,
+    storage_from_args,
+)
 
 
 def _synth(a) -> int:
@@ -52,7 +59,7 @@ def register(sub) -> None:
     s.add_argument("--frames", type=positive_int, default=64)
     s.add_argument("--tokens", type=positive_int, default=4, help="tokens per frame")
     s.add_argument("--dim", type=positive_int, default=16, help="feature dim")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--shard-mb", type=positive_float, default=256.0)
     s.add_argument("--overwrite", action="store_true")
     add_storage_args(s)

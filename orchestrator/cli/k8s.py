@@ -31,11 +31,11 @@ def _render(a) -> int:
                          ttl_seconds=a.ttl_seconds, resume=a.resume)
     validate_manifest(job, where="rendered RayJob")  # before anything is written
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-    header = (f"# RayJob for sweep {spec.name!r}, rendered by: {_command_line(a)}\n"
-              f"# Apply:  kubectl apply -f {a.out or 'FILE'}   (the Secret {a.secret} must exist in namespace {ns})\n"
-              f"# Watch:  kubectl get rayjob {name} -n {ns} -w;  kubectl logs -n {ns} -f job/{name}\n"
-              f"# Worker pods: 0 to {a.workers}, each {sizing.pod_gpus} GPU(s), {sizing.pod_cpus} CPUs, {a.memory}; "
-              f"at most {sizing.max_trials} trial(s) at once at full size\n")
+    header = [f"RayJob for sweep {spec.name!r}, rendered by: {_command_line(a)}",
+              f"Apply:  kubectl apply -f {a.out or 'FILE'}   (the Secret {a.secret} must exist in namespace {ns})",
+              f"Watch:  kubectl get rayjob {name} -n {ns} -w;  kubectl logs -n {ns} -f job/{name}",
+              f"Worker pods: 0 to {a.workers}, each {sizing.pod_gpus} GPU(s), {sizing.pod_cpus} CPUs, {a.memory}; "
+              f"at most {sizing.max_trials} trial(s) at once at full size"]
     text = dump_yaml(job, header)
     if a.out:
         write_atomic(a.out, text)

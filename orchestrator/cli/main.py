@@ -2,7 +2,8 @@
 
 A user's mistake (vis4mer.datasets.errors.UserError: a bad option, value, file or URI) prints one
 line naming the culprit and exits with code 2, without a traceback; the line passes through
-`redact` (no URI credentials, no secret environment value). Anything else is a bug inside
+`redact` (no URI credentials, no secret environment value) and `one_line` (a line break in a
+file name or value the user gave is shown escaped). Anything else is a bug inside
 vis4mer: its traceback is shown and the exit code is 1.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from vis4mer.datasets.errors import UserError
 from vis4mer.orchestrator.cli import cloud, data, extract, jobs, k8s, registry, sweep, train
 from vis4mer.orchestrator.cli.args import Parser
+from vis4mer.orchestrator.files import one_line
 from vis4mer.orchestrator.secret_names import redact
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"vis4mer {args.command}: error: {redact(str(e))}", file=sys.stderr)
+        print(f"vis4mer {args.command}: error: {one_line(redact(str(e)))}", file=sys.stderr)
         return 2
 
 

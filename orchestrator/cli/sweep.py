@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from vis4mer.orchestrator.cli.args import non_negative_float, positive_int
+from vis4mer.orchestrator.cli.args import int_between, non_negative_float, positive_int, seed_int
+
+MODEL_DEMO_MAX_LENGTH = 8192  # its 1,280 in-memory clips of length x 16 values: about 1 GiB at that
 
 
 def _prices(a) -> dict:
@@ -96,8 +98,9 @@ def register(sub) -> None:
     d.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     d.add_argument("--model-only", action="store_true", help="instead: a one-minute in-memory model demo, no Ray")
     d.add_argument("--epochs", type=positive_int, default=15, help="with --model-only")
-    d.add_argument("--length", type=positive_int, default=256, help="with --model-only")
-    d.add_argument("--seed", type=int, default=0, help="with --model-only")
+    d.add_argument("--length", default=256, help=f"with --model-only (at most {MODEL_DEMO_MAX_LENGTH})",
+                   type=int_between(2, MODEL_DEMO_MAX_LENGTH, f"a length from 2 to {MODEL_DEMO_MAX_LENGTH}"))
+    d.add_argument("--seed", type=seed_int, default=0, help="with --model-only")
     d.set_defaults(func=_demo)
 
     w = sub.add_parser("sweep", help="run a sweep (sweeps/*.yaml) on Ray Tune, tracked in MLflow")

@@ -26,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vis4mer.datasets.tasks import INT32_MAX
 from vis4mer.orchestrator.deploy.names import check_gcp_project, check_image
 from vis4mer.orchestrator.deploy.schema import json_path, schema_error
 from vis4mer.orchestrator.files import dump_yaml, load_yaml
@@ -67,7 +68,6 @@ REMOTE_DIR = "~/vis4mer"  # the repository, synced by file_mounts and pip-instal
 
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,30}[a-z0-9])?$")
 _PLAIN = re.compile(r"[A-Za-z0-9:/_.@=,+-]{1,512}")  # identities and machine images: nothing a shell reads
-INT32_MAX = 2**31 - 1  # max_workers and the like are int32 in the cluster launcher and Kubernetes
 
 
 def ray_version() -> str:
@@ -321,24 +321,24 @@ def cluster_file(cfg: dict, path: str | None = None) -> str:
     target = path or "CLUSTER.yaml"
     m = cfg.get("metadata", {}).get("vis4mer", {})
     lines = [
-        f"# ray up {target}        # start the head; GPU workers come and go with the sweep's demand",
-        f"# ray dashboard {target} # forward the dashboard (and job API) to http://127.0.0.1:8265",
-        f"# ray down {target}      # terminate every node",
-        "# Rendered by `vis4mer cloud render`; checked against Ray's ray-schema.json (`vis4mer cloud validate`).",
+        f"ray up {target}        # start the head; GPU workers come and go with the sweep's demand",
+        f"ray dashboard {target} # forward the dashboard (and job API) to http://127.0.0.1:8265",
+        f"ray down {target}      # terminate every node",
+        "Rendered by `vis4mer cloud render`; checked against Ray's ray-schema.json (`vis4mer cloud validate`).",
     ]
     if m:
-        lines.append(f"# {m.get('provider')}: head CPU-only (runs no trials), up to {cfg['max_workers']} x "
+        lines.append(f"{m.get('provider')}: head CPU-only (runs no trials), up to {cfg['max_workers']} x "
                      f"{m.get('instance')} ({m.get('gpus_per_node')} x {m.get('gpu_type')}), "
                      f"{'spot/preemptible' if m.get('spot') else 'on demand'}")
         if "trials" in m:
-            lines.append(f"# sweep {m['sweep']}: {m['trials']} trials, {m['gpus_per_trial']} GPU(s) and "
+            lines.append(f"sweep {m['sweep']}: {m['trials']} trials, {m['gpus_per_trial']} GPU(s) and "
                          f"{m['cpus_per_trial']:g} CPU(s) each; {m['trials_at_once']} at once on this cluster "
                          f"(set budget.max_concurrent_trials to that: Tune's automatic limit only sees running nodes)")
     left = placeholders(cfg)
     if left:
-        lines.append(f"# Replace {' and '.join(left)} (or render with --head-identity/--worker-identity"
+        lines.append(f"Replace {' and '.join(left)} (or render with --head-identity/--worker-identity"
                      f"{'/--project' if 'PROJECT_ID' in left else ''}).")
-    return dump_yaml(cfg, "\n".join(lines))
+    return dump_yaml(cfg, lines)
 
 
 # -------------------------------------------------------------------------------- validate
@@ -431,6 +431,12 @@ def is_spot(provider: str, node: dict) -> bool:
 def _check_structure(obj: dict) -> None:
     """Ray's validate_config checks, stated first with the path they concern."""
     types = obj["available_node_types"]
+    counts = [("max_workers", obj.get("max_workers"))] + [(f"available_node_types.{name}.{k}", nt.get(k))
+                                                          for name, nt in types.items()
+                                                          for k in ("min_workers", "max_workers")]
+    for where, v in counts:  # the schema says integer; the launcher and the clouds' APIs take int32
+        if v is not None and not 0 <= v <= INT32_MAX:
+            raise ConfigError(f"{where}={v}: expected an integer from 0 to {INT32_MAX}")
     if obj["head_node_type"] not in types:
         raise ConfigError(f"head_node_type: {obj['head_node_type']!r}; expected one of the available_node_types "
                           f"({', '.join(types)})")

@@ -159,12 +159,22 @@ def redacted_runtime_env(runtime_env: dict | None) -> dict:
 
 
 def client(address: str | None):
+    import warnings
+
+    from ray.exceptions import RpcError
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD
+    if "://" not in address:  # the dashboard's HOST:PORT (Ray would take it for a GCS address and wait 40 s)
+        address = f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address}: expected the Ray dashboard's http(s)://HOST:PORT "
+                          "(e.g. http://127.0.0.1:8265)")
     try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+        with warnings.catch_warnings():  # Ray warns before it fails; the error below is the one line
+            warnings.simplefilter("ignore")
+            return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError, RpcError) as e:
         raise ConfigError(f"--address {address}: no Ray dashboard answers there ({str(e).splitlines()[0][:200]})") \
             from None
 

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from vis4mer.datasets.tasks import INT32_MAX
 from vis4mer.orchestrator.deploy.names import check_image
 from vis4mer.orchestrator.deploy.schema import json_path, schema_error
 from vis4mer.orchestrator.files import PROJECT_ROOT, load_yaml_documents, parse_yaml
@@ -63,7 +64,6 @@ CREDENTIALS = (  # env name, optional: the keys of the Secret (`kubectl create s
 MAX_NAME = {"RayJob": 47, "RayCluster": 53}  # KubeRay: 63 - len("-serve-svc"), minus 6 for a RayJob's cluster
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 DRIVER_CPUS = 1  # per pod, for the Tune trial drivers (each asks for a fraction of a CPU, never 0)
-INT32_MAX = 2**31 - 1  # replicas, TTLs and deadlines are int32 in the KubeRay CRDs
 MAX_POD_GPUS = 64  # more GPUs than any node has: a typo, not a plan
 MAX_POD_CPUS = 4096
 
@@ -362,8 +362,6 @@ _INT_FORMATS = _int_formats()
 
 @lru_cache(maxsize=4)
 def _validator(kind: str, folder: str):
-    from jsonschema import Draft7Validator
-
     path = Path(folder) / CRD_FILES[kind]
     try:
         # a vendored schema, not user input: read with PyYAML's C loader (the CRDs are large)
@@ -375,7 +373,27 @@ def _validator(kind: str, folder: str):
     versions = [v for v in (crd.get("spec") or {}).get("versions", []) if v.get("name") == "v1"]
     if not versions:
         raise ConfigError(f"{path}: no version v1 in the CRD")
-    return Draft7Validator(_strict(versions[0]["schema"]["openAPIV3Schema"]), format_checker=_INT_FORMATS)
+    return _go_pattern_validator()(_strict(versions[0]["schema"]["openAPIV3Schema"]), format_checker=_INT_FORMATS)
+
+
+def _go_pattern(validator, pattern: str, instance, schema):
+    """`pattern` as the API server checks it (Go's regexp, where `$` ends the text): Python's `$` also
+    matches before a final newline, so "64Gi\n" would pass here and be refused by kubectl apply."""
+    from jsonschema.exceptions import ValidationError
+
+    if not validator.is_type(instance, "string"):
+        return
+    go = pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith(r"\$") else pattern
+    if re.search(go, instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _go_pattern_validator():
+    from jsonschema import Draft7Validator
+    from jsonschema.validators import extend
+
+    return extend(Draft7Validator, {"pattern": _go_pattern})
+
 
 
 def validate_manifest(obj: Any, where: str = "manifest") -> None:

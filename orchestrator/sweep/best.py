@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from vis4mer.datasets.tasks import metric_mode
-from vis4mer.orchestrator.files import write_atomic
+from vis4mer.orchestrator.files import comment_lines, write_atomic
 from vis4mer.orchestrator.sweep.lookup import children, experiment_ids, latest_parent, where
 from vis4mer.orchestrator.sweep.seeds import ConfigGroup, group_by_config, searches_seeds
 from vis4mer.orchestrator.train.config import ConfigError
@@ -124,7 +124,8 @@ def write_best_config(tracking_uri: str, row: TrialRow, out: str) -> str:
     with open(download_run_config(MlflowClient(tracking_uri), row.run_id)) as f:
         body = f.read()
     lines = [ln for ln in body.splitlines() if not ln.strip().startswith("name:")]  # a fresh run name
-    header = f"# vis4mer train {out}\n# best trial {row.trial_id} ({json.dumps(row.params, sort_keys=True)})\n"
+    header = comment_lines([f"vis4mer train {out}",
+                            f"best trial {row.trial_id} ({json.dumps(row.params, sort_keys=True)})"])
     write_atomic(out, header + "\n".join(lines) + "\n")
     return out
 

@@ -16,31 +16,59 @@ from vis4mer.orchestrator.files import PROJECT_ROOT
 DEMO_SWEEP = PROJECT_ROOT / "sweeps" / "demo.yaml"
 
 
-def ensure_demo_data(uri: str) -> None:
+def ensure_demo_data(uri: str) -> bool:
+    """Writes the demo dataset at `uri` if none is there; True when it did."""
     from vis4mer.datasets.format import DatasetError, open_dataset
     from vis4mer.datasets.synthetic import write_synthetic
 
     try:
         open_dataset(uri)
         print(f"demo data: {uri} (present)", flush=True)
+        return False
     except DatasetError:
         if os.path.exists(os.path.join(uri, "manifest.json")):
             raise  # a damaged dataset is the user's to look at, not to overwrite
         m = write_synthetic(uri, task="synthetic_order", videos=(2048, 128, 128))
         print(f"demo data: wrote {uri} ({m.split_rows()})", flush=True)
+        return True
+
+
+def _remove_written(target, existed: bool) -> None:
+    """Takes back the demo dataset this run wrote (the writer wrote only into an absent or empty
+    target, a storage.Resolved): its folder's contents, and the folder if there was none."""
+    fs = target.fs
+    for entry in fs.ls(target.path, detail=False):
+        fs.rm(entry, recursive=True)
+    if not existed:
+        fs.rm(target.path, recursive=True)
 
 
 def run_demo_sweep(data_uri: str = "data/synthetic_order", overrides: list[str] | None = None,
                    address: str | None = None) -> int:
+    from vis4mer.datasets.errors import UserError
+    from vis4mer.datasets.storage import filesystems
     from vis4mer.orchestrator.sweep.spec import load_sweep, trial_count
     from vis4mer.orchestrator.sweep.summary import print_sweep_results
-    from vis4mer.orchestrator.sweep.tune_run import run_sweep
+    from vis4mer.orchestrator.sweep.tune_run import plan_sweep, run_sweep
+    from vis4mer.orchestrator.train.config import load_config
+    from vis4mer.orchestrator.train.tracking import check_tracking_uri, tracking_uri
 
     spec = load_sweep(str(DEMO_SWEEP), [f"data.uri={data_uri}", *(overrides or [])])
-    ensure_demo_data(data_uri)
+    base = load_config(spec.base, spec.base_overrides())  # the config's own errors before any data is written
+    if base.tracking.enabled:
+        check_tracking_uri(tracking_uri(base))
+    target = filesystems(data_uri)
+    existed = target.fs.exists(target.path)
+    wrote = ensure_demo_data(data_uri)
+    try:
+        plan = plan_sweep(spec)  # the checks against the dataset (batch size, the model at its length)
+    except UserError:
+        if wrote:
+            _remove_written(target, existed)
+        raise
     print(f"vis4mer demo: sweep {spec.name!r}, {trial_count(spec)} trials (ASHA); "
           "chance on this task is 50 %", flush=True)
-    grid, plan = run_sweep(spec, address=address)
+    grid, plan = run_sweep(spec, address=address, plan=plan)
     print(f"mlflow parent run id: {plan.parent_run_id}")
     print_sweep_results(plan, top=8)
     metric = plan.metric

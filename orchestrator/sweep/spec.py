@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vis4mer.datasets.tasks import INT32_MAX
 from vis4mer.orchestrator.files import load_yaml, parse_yaml
 from vis4mer.orchestrator.train.config import ConfigError, check_name, load_config
 
@@ -115,6 +116,17 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     return spec
 
 
+def _need_int(section: dict, key: str, low: int, where: str, nullable: bool = False) -> None:
+    """section[key], where given, is an integer from `low` to 2**31 - 1 (a bool is not one), or null
+    where `nullable`."""
+    v = section.get(key)
+    if key not in section or (v is None and nullable):
+        return
+    if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= INT32_MAX):
+        raise ConfigError(f"{where}.{key}={v!r}: expected an integer from {low} to 2**31 - 1"
+                          + (" or null (auto)" if nullable else ""))
+
+
 def validate_sweep(spec: SweepSpec) -> None:
     where = spec.path or spec.name
     try:
@@ -145,6 +157,8 @@ def validate_sweep(spec: SweepSpec) -> None:
     unknown = set(s) - {"kind", "grace_period", "reduction_factor", "max_t"}
     if unknown:
         raise ConfigError(f"{where}: scheduler: unknown key {sorted(unknown, key=str)[0]!r}")
+    for key, low in (("grace_period", 1), ("max_t", 1), ("reduction_factor", 2)):  # ASHA's own assertions
+        _need_int(s, key, low, f"{where}: scheduler")
     b = spec.budget
     if set(b) - BUDGET_KEYS:
         raise ConfigError(f"{where}: budget: unknown key {sorted(set(b) - BUDGET_KEYS, key=str)[0]!r}")
@@ -154,13 +168,9 @@ def validate_sweep(spec: SweepSpec) -> None:
         if v is not None and not (number and (v > 0 if limit else v >= 0)):
             raise ConfigError(f"{where}: budget.{key}={v!r}: expected a finite number "
                               f"{'> 0' if key.startswith('max_') else '>= 0'} or null")
-    if not isinstance(b.get("max_failures", 0), int) or b.get("max_failures", 0) < 0:
-        raise ConfigError(f"{where}: budget.max_failures={b['max_failures']!r}: expected an integer >= 0")
-    if not isinstance(b["num_samples"], int) or b["num_samples"] < 1:
-        raise ConfigError(f"{where}: budget.num_samples={b['num_samples']!r}: expected an integer >= 1")
-    mct = b["max_concurrent_trials"]
-    if mct is not None and (not isinstance(mct, int) or mct < 1):
-        raise ConfigError(f"{where}: budget.max_concurrent_trials={mct!r}: expected an integer >= 1 or null (auto)")
+    _need_int(b, "max_failures", 0, f"{where}: budget")
+    _need_int(b, "num_samples", 1, f"{where}: budget")
+    _need_int(b, "max_concurrent_trials", 1, f"{where}: budget", nullable=True)
     # every discrete combination must make a valid training config (no Ray needed), and so must each
     # continuous key at both ends of its range
     for overrides in [*discrete_overrides(spec), *range_ends(spec)]:
@@ -168,6 +178,12 @@ def validate_sweep(spec: SweepSpec) -> None:
             load_config(spec.base, spec.base_overrides(overrides))
         except ConfigError as e:
             raise ConfigError(f"{where}: trial with {' '.join(overrides) or 'the base config'}: {e}") from None
+    if s["kind"] == "asha":
+        epochs = load_config(spec.base, spec.base_overrides()).train.epochs
+        max_t = s.get("max_t", epochs)
+        if s.get("grace_period", 1) > max_t:
+            raise ConfigError(f"{where}: scheduler.grace_period={s['grace_period']}: expected at most max_t={max_t}"
+                              f"{'' if 'max_t' in s else ' (train.epochs)'}")
 
 
 def discrete_overrides(spec: SweepSpec) -> list[list[str]]:

@@ -278,8 +278,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     else:
         try:
             mtime = os.stat(path).st_mtime_ns
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+        except OSError:  # missing, under a file, a name too long, a link loop: read_text names which
+            read_text(path, "config file")
+            raise
         merged = _with_file(str(path), mtime)
     return _finish(_overrides(merged, list(overrides or [])))
 

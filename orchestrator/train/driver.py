@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from vis4mer.datasets.format import FeatureDataset, open_dataset
-from vis4mer.datasets.storage import filesystems
+from vis4mer.datasets.storage import check_local_target, filesystems
 from vis4mer.orchestrator.train.config import Config, ConfigError, model_config, to_dict
 from vis4mer.orchestrator.train.worker import STATE, train_loop_per_worker
 
@@ -49,6 +49,9 @@ def prepare(cfg: Config, ds: FeatureDataset | None = None) -> FeatureDataset:
 
     if cfg.tracking.enabled:
         check_tracking_uri(tracking_uri(cfg))
+    runs = filesystems(cfg.run.storage_path, cfg.run.storage)
+    if runs.scheme == "file":  # checkpoints and results go there: a folder that can be made and written
+        check_local_target(runs.path, f"run.storage_path {cfg.run.storage_path}")
     ds = ds or open_dataset(cfg.data.uri, cfg.data.storage)
     for split in ["train", *cfg.data.eval_splits]:
         ds.require_split(split, "data.eval_splits")

@@ -79,8 +79,58 @@ def check_tracking_uri(uri: str, reading: bool = False) -> None:
     if userinfo:
         raise ConfigError(f"{where}: has a user name or password in it: expected none (MLflow reads "
                           "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN)")
+    if scheme in ("http", "https"):
+        try:
+            host, _ = parts.hostname, parts.port  # the port is parsed on access
+        except ValueError as e:
+            raise ConfigError(f"{where}: not a valid URI ({e})") from None
+        if not host:
+            raise ConfigError(f"{where}: expected http(s)://HOST[:PORT]")
+    elif scheme == "databricks":
+        _check_databricks(uri, where)
+    elif scheme != "sqlite":
+        _check_database_driver(uri, where)
     if scheme != "sqlite":
         return
+    try:
+        _check_sqlite_file(uri, where, reading)
+    except OSError as e:  # a name too long, a link loop
+        raise ConfigError(f"{where}: cannot use it ({e.strerror or type(e).__name__})") from None
+
+
+def _check_database_driver(uri: str, where: str) -> None:
+    """A database store's SQLAlchemy dialect and driver are installed (MLflow imports them only when
+    it first connects: on a Ray worker, after the sweep has started)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as e:
+        raise ConfigError(f"{where}: needs the database driver {e.name!r}, which is not installed") from None
+    except (SQLAlchemyError, ValueError) as e:
+        raise ConfigError(f"{where}: not a database URI SQLAlchemy knows ({str(e).splitlines()[0][:120]})") from None
+
+
+def _check_databricks(uri: str, where: str) -> None:
+    """Databricks credentials for the URI's profile can be found (else MLflow fails on first use)."""
+    import logging
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.databricks_utils import get_databricks_host_creds
+
+    log = logging.getLogger("mlflow.utils.databricks_utils")
+    level, log.level = log.level, logging.ERROR  # its fallback warning would be a second line
+    try:
+        get_databricks_host_creds(uri)
+    except MlflowException:
+        raise ConfigError(f"{where}: no Databricks credentials found for it (databricks-sdk's configuration "
+                          "or DATABRICKS_HOST / DATABRICKS_TOKEN)") from None
+    finally:
+        log.setLevel(level)
+
+
+def _check_sqlite_file(uri: str, where: str, reading: bool) -> None:
     path = Path(uri.split("://", 1)[1][1:])  # sqlite:///rel/path, sqlite:////abs/path
     if path.is_dir():
         raise ConfigError(f"{where}: {path} is a folder: expected an MLflow store file")
@@ -92,21 +142,42 @@ def check_tracking_uri(uri: str, reading: bool = False) -> None:
             raise ConfigError(f"{where}: cannot read {path} ({e.strerror})") from None
         if head != SQLITE_MAGIC and (reading or head):
             raise ConfigError(f"{where}: {path} is not an MLflow store (not an SQLite database)")
-        if reading and not _has_mlflow_tables(path):
-            raise ConfigError(f"{where}: {path} is an SQLite database without MLflow's tables: not an MLflow store")
+        why = _not_a_store(path) if reading else None
+        if why:
+            raise ConfigError(f"{where}: {path} is {why}: not an MLflow store this command can read")
     elif reading:
         raise ConfigError(f"--tracking-uri {shown_uri(uri)}: no MLflow store there (no such file {path})")
     elif not path.parent.is_dir():
         raise ConfigError(f"{where}: no such folder {path.parent}")
+    if not reading:  # SQLite writes the file and a journal beside it
+        for p in (path.parent, path) if path.exists() else (path.parent,):
+            if not os.access(p, os.W_OK):
+                raise ConfigError(f"{where}: {p} is not writable")
 
 
-def _has_mlflow_tables(path: Path) -> bool:
+def _not_a_store(path: Path) -> str | None:
+    """Why MLflow would have to change the SQLite file at `path` to open it (tables missing, another
+    schema version: it would create or migrate them), or None. Readers refuse such a file, unchanged."""
+    import mlflow.store.db.utils as db_utils  # imports every table's model into Base.metadata
+    from mlflow.store.db.base_sql_model import Base
+
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='experiments'").fetchone() \
-                is not None
-    except sqlite3.Error:
-        return False
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = db.execute("SELECT version_num FROM alembic_version").fetchone() \
+                if "alembic_version" in tables else None
+    except sqlite3.Error as e:
+        return f"an SQLite database MLflow cannot read ({e})"
+    if "experiments" not in tables or version is None:
+        return "an SQLite database without MLflow's tables"
+    head = db_utils._get_latest_schema_revision()
+    if version[0] != head:
+        return (f"an MLflow store of schema {version[0]!r}, this MLflow's is {head!r} (a copy can be migrated "
+                "with `mlflow db upgrade`)")
+    missing = sorted(set(Base.metadata.tables) - tables)
+    if missing:
+        return f"an SQLite database without MLflow's tables {', '.join(missing[:3])}"
+    return None
 
 
 @contextlib.contextmanager
