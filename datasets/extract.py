@@ -44,7 +44,15 @@ from vis4mer.datasets.encoders import (
 )
 from vis4mer.datasets.errors import UserError
 from vis4mer.datasets.format import MANIFEST, SPLITS, DatasetError, DatasetWriter, Manifest, check_label, open_dataset
-from vis4mer.datasets.storage import Resolved, StorageError, StorageOptions, describe_error, filesystems, read_text
+from vis4mer.datasets.storage import (
+    Resolved,
+    StorageError,
+    StorageOptions,
+    check_local_target,
+    describe_error,
+    filesystems,
+    read_text,
+)
 from vis4mer.datasets.tasks import TaskSpec, get_task
 from vis4mer.datasets.video import Sampling, VideoFile, list_videos
 
@@ -197,6 +205,15 @@ def _exists(res: Resolved, path: str) -> bool:
         return res.pa.get_file_info(path).type != pafs.FileType.NotFound
     except Exception as e:
         raise StorageError(describe_error(res.uri(), e)) from None
+
+
+def _listing(res: Resolved) -> list[str]:
+    """What is under the output prefix (empty when there is nothing, or no prefix yet)."""
+    try:
+        infos = res.pa.get_file_info(pafs.FileSelector(res.path, allow_not_found=True))
+    except Exception as e:
+        raise StorageError(describe_error(res.uri(), e)) from None
+    return [i.path for i in infos]
 
 
 def _subfolders(res: Resolved, path: str) -> list[str]:
@@ -398,7 +415,13 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print,
         if not videos:
             raise DatasetError(f"{cfg.labels}: lists none of the {unlabelled} videos under {cfg.videos}")
 
-    # the output: start over, or resume
+    # the output: start over, or resume; never into a file, or a folder of other things
+    if out.scheme == "file":
+        check_local_target(out.path, out.uri())
+    others = {p.rstrip("/").rsplit("/", 1)[-1] for p in _listing(out)} - {MANIFEST, FAILURES, PARTS}
+    if not cfg.overwrite and not _exists(out, out.join(PARTS)) and not _exists(out, out.join(MANIFEST)) and others:
+        raise DatasetError(f"{out.uri()}: holds other files, not an extract output: expected an empty prefix, an "
+                           "earlier extract output (to resume), or --overwrite")
     if cfg.overwrite:
         _delete(out, out.join(MANIFEST))
         _delete(out, out.join(FAILURES))

@@ -27,6 +27,11 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |\.(?:nan|NaN|NAN))$""", re.X)
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # no &id001 anchors: every file reads on its own
+        return True
+
+
 class _Loader(yaml.SafeLoader):
     """Safe YAML that refuses what would make a file mean something else than it reads: a key given
     twice (the last one would silently win), and documents nested deeper than MAX_YAML_DEPTH, that
@@ -86,6 +91,8 @@ def _expanded_size(node, memo: dict) -> int:
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+# the writer quotes what the reader would take for a number ("1e400" stays a string when read back)
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
 def _reason(e: yaml.YAMLError) -> str:
@@ -122,11 +129,6 @@ def load_yaml_documents(path: str | os.PathLike, what: str = "YAML file") -> lis
     return docs
 
 
-class _Dumper(yaml.SafeDumper):
-    def ignore_aliases(self, data):  # no &id001 anchors: every file reads on its own
-        return True
-
-
 # what YAML or a terminal takes as a line break or refuses: all but YAML's printable characters (tab too)
 _CONTROL = re.compile("[^\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -156,6 +158,9 @@ def check_file_target(path: str | os.PathLike, what: str = "--out") -> list[Path
     target = Path(path)
     if target.is_dir():
         raise UserError(f"{what} {path}: is a folder; expected a file name")
+    if os.path.lexists(target) and (target.is_symlink() or not target.is_file()):  # the rename would replace it
+        raise UserError(f"{what} {path}: is a symlink, device or pipe; expected a regular file name (it is "
+                        "replaced as a whole)")
     made = []  # the folders to make, deepest last
     for parent in [target.parent, *target.parent.parents]:
         if parent.exists():

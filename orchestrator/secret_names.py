@@ -33,3 +33,12 @@ def redact(text: str) -> str:
                 text = text.replace(cut, "***")
                 break
     return text
+
+
+def holds_secret(text: str) -> bool:
+    """Whether `text` carries a credential: a URI's user name or password, or the value of an
+    environment variable whose name names a secret (values of MIN_CUT_LEN or more characters: a short
+    one, such as a test's "test", would match ordinary words). For what is sent, not printed."""
+    if _USERINFO.search(text):
+        return True
+    return any(len(v) >= MIN_CUT_LEN and names_secret(k) and v in text for k, v in os.environ.items())

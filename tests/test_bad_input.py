@@ -278,22 +278,24 @@ def _store_with_only_experiments(where: Path) -> str:
     return f"sqlite:///{where}/m.db"
 
 
-def _store_of_another_schema(where: Path) -> str:
+def _store_of_another_schema(where: Path, heads: int = 1) -> str:
     import sqlite3
 
     from mlflow.store.db.base_sql_model import Base
-    from mlflow.store.db.utils import _get_latest_schema_revision  # noqa: F401 - fills Base.metadata
+    from mlflow.store.db.utils import _get_latest_schema_revision  # it also fills Base.metadata
 
     with sqlite3.connect(where / "m.db") as db:
         for table in Base.metadata.tables:
             db.execute(f'CREATE TABLE "{table}" (x)')
         db.execute("CREATE TABLE alembic_version (version_num)")
         db.execute("INSERT INTO alembic_version VALUES ('0123456789ab')")
+        if heads == 2:
+            db.execute("INSERT INTO alembic_version VALUES (?)", (_get_latest_schema_revision(),))
     return f"sqlite:///{where}/m.db"
 
 
-# --- the third round: mechanisms a later hostile-input probe found (docs/reliability.md, 16-27; 28-33 in
-# tests/test_bad_input_data.py) ---
+# --- later rounds: mechanisms hostile-input probes found (docs/reliability.md 16-27 and 34-40; 28-33 in
+# tests/test_bad_input_data.py, 41 in tests/test_extract.py) ---
 MECHANISMS_3 = [
     # 16. a line break in a file name or value the user gave stays escaped in the one error line
     ("m16-newline-in-config-name", lambda t, g: ["train", str(t / "bad\nname.yaml")], "bad\\nname.yaml"),
@@ -346,6 +348,23 @@ MECHANISMS_3 = [
     ("m27-cloud-workers-beyond-int32", lambda t, g: ["cloud", "validate", _cloud_with(t, "max_workers: 2",
                                                                                        f"max_workers: {10**22}")],
      "max_workers="),
+    # 34. a store with two schema heads (alembic would refuse it after opening)
+    ("m34-store-with-two-heads", lambda t, g: ["best", "--tracking-uri", _store_of_another_schema(t, heads=2)],
+     "mlflow db upgrade"),
+    # 37. k8s render checks its MLflow URI's host and port, and that quantities are positive
+    ("m37-mlflow-uri-unparsable", lambda t, g: [*K8S[:6], "http://[::1", *K8S[7:]], "--mlflow-uri"),
+    ("m37-mlflow-uri-port", lambda t, g: [*K8S[:6], "http://mlflow:99999", *K8S[7:]], "--mlflow-uri"),
+    ("m37-negative-memory", lambda t, g: [*K8S, "--memory=-64Gi"], "expected a positive quantity"),
+    # 38. --out never replaces a symlink, a device or a pipe
+    ("m38-out-is-a-symlink", lambda t, g: ["cloud", "render", "--provider", "aws", "--out",
+                                           str((t / "l").symlink_to("/dev/null") or t / "l")], "is a symlink"),
+    # 40. what `submit` sends carries no credential: not in an override's value, a requirement, an odd id
+    ("m40-secret-value-in-override", lambda t, g: ["submit", SYNTH, f"tracking.experiment={SECRET}", "--address",
+                                                   "http://127.0.0.1:1"], "holds a credential"),
+    ("m40-credential-in-pip", lambda t, g: ["submit", SYNTH, "--pip", f"git+https://u:{SECRET}@h/x", "--address",
+                                            "http://127.0.0.1:1"], "--pip"),
+    ("m40-odd-submission-id", lambda t, g: ["submit", SYNTH, "--submission-id", "../x\ny", "--address",
+                                            "http://127.0.0.1:1"], "--submission-id"),
 ]
 
 
@@ -407,3 +426,64 @@ def test_positive_twins_of_the_mechanisms(tmp_path, good_dataset):
         assert run_main(["data", "synth", out, "--videos", "4", "2", "2", "--frames", "8", *overwrite],
                         tmp_path).code == 0
     assert run_main(["data", "verify", out], tmp_path).code == 0
+
+
+@pytest.mark.parametrize("state", ["garbage", "no-model-key", "other-weights"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, good_dataset, state):
+    """35. evaluate / promote / predict load a run's checkpoint: a file torch cannot read, or weights of
+    another model, is the checkpoint's fault (a ConfigError naming it), not a traceback."""
+    import io
+
+    import torch
+
+    from vis4mer.datasets.storage import filesystems
+    from vis4mer.orchestrator.train.config import ConfigError, load_config
+    from vis4mer.orchestrator.train.driver import _load_model
+    from vis4mer.orchestrator.train.worker import STATE
+
+    cfg = load_config(SYNTH, [f"data.uri={good_dataset}"])
+    buf = io.BytesIO()
+    if state == "garbage":
+        buf.write(b"\x80\x04not a pickle")
+    else:
+        torch.save({"optimizer": {}} if state == "no-model-key" else {"model": {"w": torch.zeros(3)}}, buf)
+    (tmp_path / STATE).write_bytes(buf.getvalue())
+    with pytest.raises(ConfigError, match=str(tmp_path / STATE)) as e:
+        _load_model(cfg, filesystems(str(tmp_path)), None)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tag", ["{not json", "[1, 2]", '"x"', "null", "[" * 5000])
+def test_a_trial_params_tag_that_is_not_an_object_names_the_run(tag):
+    """36. best / report / evaluate read each trial's params tag: anything but a JSON object names the run."""
+    from types import SimpleNamespace
+
+    from vis4mer.orchestrator.sweep.lookup import trial_params
+    from vis4mer.orchestrator.train.config import ConfigError
+    from vis4mer.orchestrator.train.tracking import Tag
+
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r123"), data=SimpleNamespace(tags={Tag.PARAMS: tag}))
+    with pytest.raises(ConfigError, match="run r123: tag"):
+        trial_params(run)
+    ok = SimpleNamespace(info=run.info, data=SimpleNamespace(tags={Tag.PARAMS: '{"optim.lr": 0.001}'}))
+    assert trial_params(ok) == {"optim.lr": 0.001}
+
+
+def test_report_checks_its_folder_before_any_work(tmp_path):
+    """37. report --out: a folder that can be made and written, checked before the store is read."""
+    from vis4mer.datasets.errors import UserError
+    from vis4mer.orchestrator.sweep.report import make_report
+
+    (tmp_path / "f").write_text("mine")
+    for out in (tmp_path / "f", tmp_path / "f" / "r"):
+        with pytest.raises(UserError, match="--out"):
+            make_report(f"sqlite:///{tmp_path}/absent.db", None, "demo", str(out))
+    assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_written_yaml_reads_back_as_written():
+    """39. strings the reader would take for numbers (a quantity of 1e400, a version 1.0) are quoted."""
+    from vis4mer.orchestrator.files import dump_yaml, parse_yaml
+
+    obj = {"memory": "1e400", "v": "1.0", "n": ".5", "inf": ".inf", "q": "64Gi", "x": 1.5, "i": 3}
+    assert parse_yaml(dump_yaml(obj), "x") == obj

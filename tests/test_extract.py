@@ -211,6 +211,28 @@ def test_cli_errors_are_one_line(material, tmp_path, capsys, case):
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("target", ["a-file", "other-files", "dangling-link"])
+def test_extract_writes_only_into_an_empty_or_extract_target(material, tmp_path, capsys, target):
+    """Never into a file or a link to nowhere, and never among another folder's files (say, the videos'
+    own folder) without --overwrite: one line, the target as it was."""
+    out = tmp_path / "out"
+    if target == "a-file":
+        out.write_text("mine")
+    elif target == "other-files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    before = sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else b"") for p in tmp_path.rglob("*"))
+    code = main(["extract", "--videos", str(material["videos"]), "--out", str(out), "--extractor", "vit",
+                 "--arch", "tiny", "--weights", material["weights"]])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(out) in err
+    assert sorted((p.name, p.is_symlink(), p.read_bytes() if p.is_file() else b"")
+                  for p in tmp_path.rglob("*")) == before
+
+
 # --- the built-in encoders against timm and torchvision (tests/fixtures, no Ray) -----------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from vis4mer.orchestrator.cli.args import Parser, positive_int
-from vis4mer.orchestrator.files import write_atomic
+from vis4mer.orchestrator.files import one_line, write_atomic
 
 
 def _render(a) -> int:
@@ -31,11 +31,11 @@ def _render(a) -> int:
         return 0
     write_atomic(a.out, text)  # all or nothing
     m = cfg["metadata"]["vis4mer"]
-    print(f"wrote {a.out}: {a.provider}, CPU-only head + up to {cfg['max_workers']} x {m['instance']} "
-          f"({'spot' if a.spot else 'on demand'}); start it with: ray up {a.out}")
+    print(f"wrote {one_line(a.out)}: {a.provider}, CPU-only head + up to {cfg['max_workers']} x {m['instance']} "
+          f"({'spot' if a.spot else 'on demand'}); start it with: ray up {one_line(a.out)}")
     left = placeholders(cfg)
     if left:
-        print(f"note: replace {' and '.join(left)} in {a.out} before `ray up`")
+        print(f"note: replace {' and '.join(left)} in {one_line(a.out)} before `ray up`")
     return 0
 
 

@@ -9,6 +9,7 @@ from vis4mer.orchestrator.cli.args import (
     seed_int,
     storage_from_args,
 )
+from vis4mer.orchestrator.files import one_line
 
 
 def _synth(a) -> int:
@@ -17,7 +18,7 @@ def _synth(a) -> int:
     m = write_synthetic(a.uri, task=a.task, videos=tuple(a.videos), frames=a.frames, tokens=a.tokens, dim=a.dim,
                         seed=a.seed, storage=storage_from_args(a), overwrite=a.overwrite,
                         shard_bytes=int(a.shard_mb * 2**20))
-    print(f"wrote {a.uri}: {m.task.name}, {m.split_rows()}, {len(m.shards)} shards")
+    print(f"wrote {one_line(a.uri)}: {m.task.name}, {m.split_rows()}, {len(m.shards)} shards")
     return 0
 
 
@@ -27,7 +28,7 @@ def _import_lvu(a) -> int:
     m, report = import_lvu(a.task, a.labels, a.features, a.out, storage=storage_from_args(a),
                            overwrite=a.overwrite, shard_bytes=int(a.shard_mb * 2**20))
     print(report.summary())
-    print(f"wrote {a.out}: {len(m.shards)} shards")
+    print(f"wrote {one_line(a.out)}: {len(m.shards)} shards")
     return 0
 
 

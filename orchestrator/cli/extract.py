@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from vis4mer.orchestrator.cli.args import add_storage_args, positive_float, positive_int, storage_from_args
+from vis4mer.orchestrator.files import one_line
 
 
 def _extract(a) -> int:
@@ -24,7 +25,7 @@ def _extract(a) -> int:
     r = extract(cfg, log=lambda line: print(line, flush=True),
                 start_ray=lambda: init_ray(a.address, log_to_driver=False))
     print(r.summary(a.out))
-    print(f"wrote {a.out}: {len(r.manifest.shards)} shards, {r.manifest.split_rows()}")
+    print(f"wrote {one_line(a.out)}: {len(r.manifest.shards)} shards, {r.manifest.split_rows()}")
     return 0
 
 

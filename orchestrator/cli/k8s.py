@@ -5,6 +5,7 @@ import shlex
 import sys
 
 from vis4mer.orchestrator.cli.args import Parser, non_negative_int, positive_int
+from vis4mer.orchestrator.files import one_line
 
 
 def _command_line(a) -> str:
@@ -39,7 +40,7 @@ def _render(a) -> int:
     text = dump_yaml(job, header)
     if a.out:
         write_atomic(a.out, text)
-        print(f"wrote {a.out}: RayJob {name} (namespace {ns})", file=sys.stderr)
+        print(f"wrote {one_line(a.out)}: RayJob {name} (namespace {ns})", file=sys.stderr)
     else:
         sys.stdout.write(text)
     for note in sizing.notes:  # after the output: an error above stays the one line on stderr

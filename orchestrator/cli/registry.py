@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vis4mer.orchestrator.cli.args import add_storage_args, positive_int, storage_from_args
+from vis4mer.orchestrator.files import one_line
 
 
 def _trial(a, uri: str):
@@ -63,7 +64,7 @@ def _predict(a) -> int:
     with reading_store(uri):
         table = predict(a.model, uri, a.data, a.out, a.split, storage_from_args(a), a.address, videos,
                         a.batch_size)
-    print(f"wrote {a.out}: {table.num_rows} predictions")
+    print(f"wrote {one_line(a.out)}: {table.num_rows} predictions")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from vis4mer.orchestrator.cli.args import int_between, non_negative_float, positive_int, seed_int
+from vis4mer.orchestrator.files import one_line
 
 MODEL_DEMO_MAX_LENGTH = 8192  # its 1,280 in-memory clips of length x 16 values: about 1 GiB at that
 
@@ -52,7 +53,7 @@ def _best(a) -> int:
     uri = a.tracking_uri or default_tracking_uri()
     with reading_store(uri):
         winner = print_ranking(uri, a.experiment, a.sweep, a.metric, a.top, a.group_seeds, _prices(a))
-        print(f"wrote {write_best_config(uri, winner, a.out)}")
+        print(f"wrote {one_line(write_best_config(uri, winner, a.out))}")
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vis4mer.orchestrator.deploy.wheel import build_wheel
 from vis4mer.orchestrator.files import PROJECT_ROOT
-from vis4mer.orchestrator.secret_names import names_secret
+from vis4mer.orchestrator.secret_names import holds_secret, names_secret, redact
 from vis4mer.orchestrator.train.config import ConfigError
 
 EXCLUDES = [".git", ".venv", "venv", "data", "mlruns", "mlflow.db", "mlflow.db-*", "results", "reports",
@@ -34,6 +34,7 @@ EXCLUDES = [".git", ".venv", "venv", "data", "mlruns", "mlflow.db", "mlflow.db-*
 PROJECT_EXCLUDES = ["/model", "/datasets", "/orchestrator", "/tests", "/benchmarks", "/build"]
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SUBMISSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def upload_limit_bytes() -> int:
@@ -108,15 +109,25 @@ def build_submission(config_path: str, overrides: list[str], package_dir: str | 
     raw = load_yaml(cfg_file, "sweep or training YAML")
     for o in overrides:
         if names_secret(o.split("=", 1)[0]):
-            raise ConfigError(f"override {o.split('=', 1)[0]!r}: credentials never go on the command line; "
+            raise ConfigError(f"override {redact(o.split('=', 1)[0])!r}: credentials never go on the command line; "
                               "pass them with --env NAME")
+    for req in pip or []:
+        if holds_secret(req):
+            raise ConfigError(f"--pip {redact(req)!r}: a credential in a requirement reaches the cluster's job record; "
+                              "use a package index that reads its credentials from the environment")
+    if submission_id is not None and not _SUBMISSION_ID.fullmatch(submission_id):
+        raise ConfigError(f"--submission-id {submission_id!r:.80}: expected 1-128 letters, digits, '.', '_' or '-'")
     kind = "sweep" if isinstance(raw, dict) and "search_space" in raw else "train"
     # validate here, before anything leaves this machine: the job would fail the same way later
     if kind == "sweep":
         load_sweep(str(cfg_file), overrides)
     else:
         load_config(str(cfg_file), overrides)
-
+    for o in overrides:  # a secret variable's value under another name: `ray job list` shows the command line
+        if holds_secret(o):
+            raise ConfigError(f"override {redact(o.split('=', 1)[0])!r}: its value holds a credential (a secret "
+                              "environment variable's value); credentials never go on the command line: "
+                              "pass them with --env NAME")
     env = {}
     for name in env_names or []:
         if not _ENV_NAME.fullmatch(name):

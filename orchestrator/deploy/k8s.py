@@ -167,18 +167,27 @@ def _object_store(key: str, uri: str) -> None:
 
 
 def _check_mlflow_uri(uri: str, key: str = "--mlflow-uri") -> None:
-    u = urlsplit(uri)
+    from vis4mer.orchestrator.train.tracking import check_server_address
+
+    try:
+        u = urlsplit(uri)
+    except ValueError:
+        raise ConfigError(f"{key}: not a valid URI") from None
     # never echoed: it may hold a secret
     if u.username or u.password or u.query or u.fragment or not _SAFE_ARG.fullmatch(uri):
         raise ConfigError(f"{key}: expected a plain http(s)://host[:port][/path], without credentials or "
                           "query: the token comes from the Secret (MLFLOW_TRACKING_TOKEN)")
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ConfigError(f"{key}={uri!r}: expected an http(s):// MLflow server that every pod can reach")
+    check_server_address(u, key)
 
 
 def _quantity(flag: str, value: str) -> str:
     if not isinstance(value, str) or not _QUANTITY.fullmatch(value):
         raise ConfigError(f"{flag}={value!r}: expected a Kubernetes quantity such as 64Gi")
+    number = re.match(r"[+-]?[0-9.]*", value).group()
+    if value.startswith("-") or not any(c in "123456789" for c in number):
+        raise ConfigError(f"{flag}={value!r}: expected a positive quantity such as 64Gi")
     return value
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from vis4mer.datasets.tasks import metric_mode
 from vis4mer.orchestrator.files import comment_lines, write_atomic
-from vis4mer.orchestrator.sweep.lookup import children, experiment_ids, latest_parent, where
+from vis4mer.orchestrator.sweep.lookup import children, experiment_ids, latest_parent, trial_params, where
 from vis4mer.orchestrator.sweep.seeds import ConfigGroup, group_by_config, searches_seeds
 from vis4mer.orchestrator.train.config import ConfigError
 from vis4mer.orchestrator.train.tracking import Tag, check_tracking_uri
@@ -57,7 +57,7 @@ def best_trials(tracking_uri: str, experiment: str | None, sweep: str | None, me
         if metric not in r.data.metrics:
             continue
         tid = r.data.tags.get(Tag.TRIAL_ID, r.info.run_id)
-        row = TrialRow(tid, r.info.run_id, r.data.metrics[metric], json.loads(r.data.tags.get(Tag.PARAMS, "{}")),
+        row = TrialRow(tid, r.info.run_id, r.data.metrics[metric], trial_params(r),
                        r.info.status, {k: r.data.metrics[k] for k in SPEND_METRICS if k in r.data.metrics})
         rows.setdefault(tid, row)  # one row per trial, even if a run was ever duplicated
     ranked = sorted(rows.values(), key=lambda t: t.value, reverse=(mode == "max"))

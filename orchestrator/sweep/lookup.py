@@ -6,6 +6,22 @@ from vis4mer.orchestrator.train.config import ConfigError
 from vis4mer.orchestrator.train.tracking import Tag, check_tracking_uri, latest_run
 
 
+def trial_params(run) -> dict:
+    """A trial run's searched parameters (its params tag, JSON); a ConfigError naming the run when the
+    tag is not a JSON object (a store edited by hand, or another tool's run)."""
+    import json
+
+    text = run.data.tags.get(Tag.PARAMS, "{}")
+    try:
+        params = json.loads(text)
+    except (ValueError, RecursionError):
+        params = None
+    if not isinstance(params, dict):
+        raise ConfigError(f"run {run.info.run_id}: tag {Tag.PARAMS} {text!r:.60}: expected a JSON object of the "
+                          "trial's parameters")
+    return params
+
+
 def experiment_ids(client, tracking_uri: str, experiment: str | None) -> list[str]:
     """The named experiment, or every experiment of the store when none is named."""
     if experiment is None:

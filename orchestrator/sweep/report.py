@@ -14,7 +14,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from vis4mer.orchestrator.sweep.lookup import sweep_runs
+from vis4mer.datasets.storage import check_local_target
+from vis4mer.orchestrator.sweep.lookup import sweep_runs, trial_params
 from vis4mer.orchestrator.sweep.seeds import group_by_config, searches_seeds
 from vis4mer.orchestrator.train.config import ConfigError
 from vis4mer.orchestrator.train.tracking import Tag
@@ -59,7 +60,7 @@ def collect(tracking_uri: str, experiment: str | None, sweep: str, metric: str |
             continue
         history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
         curves.append(TrialCurve(r.data.tags.get(Tag.TRIAL_ID, r.info.run_id), dict(r.data.params),
-                                 r.data.metrics[metric], json.loads(r.data.tags.get(Tag.PARAMS, "{}")),
+                                 r.data.metrics[metric], trial_params(r),
                                  [m.step for m in history], [m.value for m in history]))
     if not curves:
         raise ConfigError(f"sweep {sweep!r}: no trial reported {metric!r} yet")
@@ -109,6 +110,7 @@ def make_report(tracking_uri: str, experiment: str | None, sweep: str, out_dir: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_local_target(out_dir, f"--out {out_dir}")  # a folder that can be made and written, before any work
     client, parent, metric, curves = collect(tracking_uri, experiment, sweep, metric)
     os.makedirs(out_dir, exist_ok=True)
     max_epoch = max(max(c.steps, default=0) for c in curves)

@@ -214,6 +214,7 @@ def load_model(cfg: Config, checkpoint: str = "best", ds: FeatureDataset | None 
 
 def _load_model(cfg: Config, res, ds: FeatureDataset | None):
     import io
+    import warnings
 
     import torch
 
@@ -221,10 +222,23 @@ def _load_model(cfg: Config, res, ds: FeatureDataset | None):
 
     try:
         with res.pa.open_input_file(res.join(STATE)) as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            data = f.read()
     except (FileNotFoundError, OSError):
         return None
+    where = res.uri(STATE)
+    try:  # a file torch cannot read, or weights of another model: the checkpoint's fault, named
+        with warnings.catch_warnings():  # torch warns about what it then refuses: the error is the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError...
+        raise ConfigError(f"{where}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ConfigError(f"{where}: expected a vis4mer checkpoint (a dict with the model's state_dict under 'model')")
     ds = ds or open_dataset(cfg.data.uri, cfg.data.storage)
     model = ViS4mer(model_config(cfg.model, ds.task))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: weights that do not fit the run's model ({str(e).splitlines()[0][:160]})") \
+            from None
     return model.eval()

@@ -80,12 +80,7 @@ def check_tracking_uri(uri: str, reading: bool = False) -> None:
         raise ConfigError(f"{where}: has a user name or password in it: expected none (MLflow reads "
                           "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN)")
     if scheme in ("http", "https"):
-        try:
-            host, _ = parts.hostname, parts.port  # the port is parsed on access
-        except ValueError as e:
-            raise ConfigError(f"{where}: not a valid URI ({e})") from None
-        if not host:
-            raise ConfigError(f"{where}: expected http(s)://HOST[:PORT]")
+        check_server_address(parts, where)
     elif scheme == "databricks":
         _check_databricks(uri, where)
     elif scheme != "sqlite":
@@ -96,6 +91,16 @@ def check_tracking_uri(uri: str, reading: bool = False) -> None:
         _check_sqlite_file(uri, where, reading)
     except OSError as e:  # a name too long, a link loop
         raise ConfigError(f"{where}: cannot use it ({e.strerror or type(e).__name__})") from None
+
+
+def check_server_address(parts, where: str) -> None:
+    """An http(s) URI's host and port (1-65535) as a client will use them; a ConfigError naming `where`."""
+    try:
+        host, port = parts.hostname, parts.port  # the port is parsed on access
+    except ValueError as e:
+        raise ConfigError(f"{where}: not a valid URI ({e})") from None
+    if not host or port == 0:
+        raise ConfigError(f"{where}: expected http(s)://HOST[:PORT] with a port from 1 to 65535")
 
 
 def _check_database_driver(uri: str, where: str) -> None:
@@ -164,16 +169,16 @@ def _not_a_store(path: Path) -> str | None:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            version = db.execute("SELECT version_num FROM alembic_version").fetchone() \
-                if "alembic_version" in tables else None
+            versions = [r[0] for r in db.execute("SELECT version_num FROM alembic_version")] \
+                if "alembic_version" in tables else []
     except sqlite3.Error as e:
         return f"an SQLite database MLflow cannot read ({e})"
-    if "experiments" not in tables or version is None:
+    if "experiments" not in tables or not versions:
         return "an SQLite database without MLflow's tables"
     head = db_utils._get_latest_schema_revision()
-    if version[0] != head:
-        return (f"an MLflow store of schema {version[0]!r}, this MLflow's is {head!r} (a copy can be migrated "
-                "with `mlflow db upgrade`)")
+    if versions != [head]:  # alembic refuses a store with several heads, and would migrate an old one
+        return (f"an MLflow store of schema {', '.join(map(repr, versions))}, this MLflow's is {head!r} (a copy "
+                "can be migrated with `mlflow db upgrade`)")
     missing = sorted(set(Base.metadata.tables) - tables)
     if missing:
         return f"an SQLite database without MLflow's tables {', '.join(missing[:3])}"
